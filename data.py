@@ -1,9 +1,14 @@
 """Datasets and transforms shared by every model file.
 
-Every semantic-segmentation dataset yields {"image": float32 (3, H, W) RGB in [0, 1], "label": int64 (H, W)} with
-255 = ignore, and exposes `.class_names` (verbatim names, used as prompts by the open-vocabulary models) and
-`.seen_classes` (indices of the classes seen in training for zero-shot splits, else None). Models normalise images
-themselves, each with its own mean/std.
+Every semantic-segmentation dataset yields {"image": float32 (3, H, W) RGB in [0, 1], "label": int64 (H, W)} and
+exposes `.class_names` (verbatim names, used as prompts by the open-vocabulary models) and `.seen_classes` (indices of
+the classes seen in training for zero-shot splits, else None). Models normalise images themselves, each with its own
+mean/std.
+
+Ignore label: 255 (IGNORE) everywhere, except in the two label sets with more than 255 classes, PC-459 and ADE-847.
+There 255 is a real class, so their labels keep the 65535 (IGNORE_16BIT) that detectron2 stores in the 16-bit TIFFs,
+as the official SAN registration declares. Real datasets state theirs as `.ignore_index`; read it with
+`getattr(dataset, "ignore_index", IGNORE)`. In every dataset, label >= len(class_names) means ignore.
 
 Contents, in reading order:
   1. Built-in synthetic data (no download, deterministic by seed, generated on the fly):
@@ -14,11 +19,19 @@ Contents, in reading order:
   3. Training transforms (random scale, crop, flip, photometric) on image + mask with torchvision.transforms.v2.
   4. build_dataset(name, split, cfg): the one entry point train.py and eval.py use.
 """
+import math
+from dataclasses import dataclass
+from pathlib import Path
+
 import numpy as np
 import torch
+from PIL import Image
 from torch.utils.data import Dataset
+from torchvision import tv_tensors
+from torchvision.transforms import v2
 
 IGNORE = 255  # label value that no loss and no metric counts
+IGNORE_16BIT = 65535  # the ignore label of the 16-bit label sets (PC-459, ADE-847), where 255 is a class
 
 
 # ----------------------------------------------------------------------------------------------------------------------
@@ -199,13 +212,277 @@ class ToyShapesCaptions(Dataset):
 
 
 # ----------------------------------------------------------------------------------------------------------------------
+# 2. Real datasets, in the layouts the preparation scripts write
+# ----------------------------------------------------------------------------------------------------------------------
+# Where the class names come from. The long lists live in class_names/<dataset>.txt, one name per line, verbatim
+# (trailing spaces kept: ADE-150 has "window "; SAN strips names before it builds prompts). They were extracted with
+# Python's `ast` from the official code, not retyped:
+#   coco_stuff_171, voc_20, pcontext_59, pcontext_459, ade20k_847: MendelXu/SAN, san/data/datasets/register_*.py
+#     (COCO_CATEGORIES, CLASS_NAMES, PCONTEXT_SEM_SEG_CATEGORIES, PCONTEXT_FULL_SEM_SEG_CATEGORIES,
+#     ADE20K_SEM_SEG_FULL_CATEGORIES in trainId order);
+#   ade20k_150: facebookresearch/detectron2, detectron2/data/datasets/builtin_meta.py ADE20K_SEM_SEG_CATEGORIES (SAN
+#     evaluates ADE-150 through detectron2's builtin registration).
+# The PC-59 order is also mmseg's PascalContext59Dataset order, so both PC-59 layouts below share one list.
+CLASS_NAME_DIR = Path(__file__).resolve().parent / "class_names"
+CITYSCAPES_CLASSES = ["road", "sidewalk", "building", "wall", "fence", "pole", "traffic light", "traffic sign",
+                      "vegetation", "terrain", "sky", "person", "rider", "car", "truck", "bus", "train", "motorcycle",
+                      "bicycle"]  # cityscapesScripts' labels.py, train ids 0..18
+CITYSCAPES_LABEL_IDS = [7, 8, 11, 12, 13, 17, 19, 20, 21, 22, 23, 24, 25, 26, 27, 28, 31, 32, 33]  # of train ids 0..18
+
+# Label lookup tables, raw uint8 value -> label (applied as lut[raw]).
+REDUCE_ZERO_LABEL = np.array([IGNORE, *range(254), IGNORE])  # 0 (background / "other") -> ignore, k -> k - 1
+CITYSCAPES_ID_TO_TRAIN_ID = np.full(256, IGNORE)
+CITYSCAPES_ID_TO_TRAIN_ID[CITYSCAPES_LABEL_IDS] = np.arange(19)  # every other labelId -> ignore
+
+
+def class_names(name):
+    """The verbatim class names of a real dataset, in label order."""
+    if name == "cityscapes":
+        return list(CITYSCAPES_CLASSES)
+    return (CLASS_NAME_DIR / f"{name}.txt").read_text(encoding="utf-8").splitlines()
+
+
+def _files(folder, suffix):
+    """{stem: path} of the files under `folder` (sub-folders included) whose name ends with `suffix`; the stem is the
+    path relative to `folder` without the suffix, e.g. "aachen/aachen_000000_000019" for Cityscapes."""
+    return {p.relative_to(folder).as_posix()[:-len(suffix)]: p for p in folder.rglob("*" + suffix)}
+
+
+class SegFolder(Dataset):
+    """Images and label maps from two folders, paired by file stem, in sorted (deterministic) order.
+
+    label_suffixes: ((suffix, lut), ...), tried in this order for each image; `lut` (a numpy array, or None) maps the
+    stored values to labels. index: what lists the samples: "images", "labels" (when one image folder serves every
+    split, as VOC's JPEGImages) or the path of a text file of stems. Labels are read with PIL, so 8-bit PNGs and
+    16-bit TIFFs both keep their values. `transform(image uint8 (3, H, W), label int64 (H, W)) -> (image, label)` is
+    set by build_dataset for training; without it the image is only scaled to [0, 1].
+    """
+
+    seen_classes = None
+
+    def __init__(self, image_dir, label_dir, class_names, image_suffix=".jpg", label_suffixes=((".png", None),),
+                 index="images", ignore_index=IGNORE, transform=None):
+        self.class_names, self.ignore_index, self.transform = class_names, ignore_index, transform
+        image_dir, label_dir = Path(image_dir), Path(label_dir)
+        for folder in (image_dir, label_dir):
+            if not folder.is_dir():
+                raise FileNotFoundError(f"folder not found: {folder}")
+        images = _files(image_dir, image_suffix)
+        labels = [(_files(label_dir, suffix), lut) for suffix, lut in label_suffixes]
+        if index == "images":
+            stems, listed = sorted(images), f"'*{image_suffix}' files in {image_dir}"
+        elif index == "labels":
+            stems, listed = sorted(set().union(*(found for found, _ in labels))), f"label files in {label_dir}"
+        else:
+            stems, listed = Path(index).read_text().split(), f"names in {index}"
+        if not stems:
+            raise FileNotFoundError(f"no {listed}")
+        self.items = []  # (image path, label path, lut)
+        for stem in stems:
+            image = images.get(stem)
+            label = next(((found[stem], lut) for found, lut in labels if stem in found), None)
+            if image is None or label is None:
+                expected = " or ".join(str(label_dir / (stem + suffix)) for suffix, _ in label_suffixes)
+                raise FileNotFoundError(f"incomplete pair for {stem!r}: image {image_dir / (stem + image_suffix)} "
+                                        f"{'found' if image else 'MISSING'}, label {expected} "
+                                        f"{'found' if label else 'MISSING'}")
+            self.items.append((image, *label))
+
+    def __len__(self):
+        return len(self.items)
+
+    def __getitem__(self, index):
+        image_path, label_path, lut = self.items[index]
+        with Image.open(image_path) as im, Image.open(label_path) as lab:  # PIL (torchvision.io's are deprecated)
+            image = torch.from_numpy(np.array(im.convert("RGB"))).permute(2, 0, 1)  # uint8 (3, H, W)
+            label = np.array(lab)  # uint8 or uint16 (H, W)
+        label = torch.from_numpy((label if lut is None else lut[label]).astype(np.int64))
+        if label.shape != image.shape[1:]:
+            raise ValueError(f"label {label_path} has shape {tuple(label.shape)}, its image {image_path} has size "
+                             f"{tuple(image.shape[1:])}; expected a single-channel map of the same size")
+        if self.transform is not None:
+            image, label = self.transform(image, label)
+        else:
+            image = image.float() / 255
+        return {"image": image, "label": label}
+
+
+@dataclass(frozen=True)
+class Layout:
+    """Where one preparation script puts a dataset. Paths are relative to data_root; {split} becomes splits[0] for
+    train, splits[1] for val. `tree` draws the layout for error messages, "<root>" standing for data_root."""
+    images: str  # image folder
+    labels: str  # label folder
+    tree: str
+    made_by: str  # the script (or download) that writes this layout
+    image_suffix: str = ".jpg"
+    label_suffixes: tuple = ((".png", None),)  # see SegFolder
+    splits: tuple = ("train", "val")
+    index: str = "images"  # see SegFolder; a split file is given relative to data_root
+    ignore_index: int = IGNORE
+
+
+# The layouts of each dataset, in order of preference: the first one found on disk is used. The detectron2 / SAN
+# layouts come first where there are two, because the SAN numbers are measured on them.
+REAL_DATASETS = {
+    "cityscapes": [Layout(
+        "cityscapes/leftImg8bit/{split}", "cityscapes/gtFine/{split}", image_suffix="_leftImg8bit.png",
+        label_suffixes=(("_gtFine_labelTrainIds.png", None), ("_gtFine_labelIds.png", CITYSCAPES_ID_TO_TRAIN_ID)),
+        made_by="the official leftImg8bit + gtFine zips; mmseg's tools/dataset_converters/cityscapes.py writes the "
+                "*_labelTrainIds.png (without them the *_labelIds.png are mapped to the 19 train ids on the fly)",
+        tree="""<root>/cityscapes/
+├── leftImg8bit/{train,val}/<city>/<name>_leftImg8bit.png
+└── gtFine/{train,val}/<city>/<name>_gtFine_labelTrainIds.png   0..18, 255 = ignore
+                                 (or <name>_gtFine_labelIds.png)""")],
+    "ade20k_150": [Layout(
+        "ADEChallengeData2016/images/{split}", "ADEChallengeData2016/annotations_detectron2/{split}",
+        splits=("training", "validation"), made_by="detectron2's datasets/prepare_ade20k_sem_seg.py (the SAN layout)",
+        tree="""<root>/ADEChallengeData2016/
+├── images/{training,validation}/<name>.jpg
+└── annotations_detectron2/{training,validation}/<name>.png   0..149, 255 = ignore"""), Layout(
+        "ADEChallengeData2016/images/{split}", "ADEChallengeData2016/annotations/{split}",
+        label_suffixes=((".png", REDUCE_ZERO_LABEL),), splits=("training", "validation"),
+        made_by="the official ADEChallengeData2016.zip as it is (the mmseg / ANN layout; 0 = other is ignored)",
+        tree="""<root>/ADEChallengeData2016/
+├── images/{training,validation}/<name>.jpg
+└── annotations/{training,validation}/<name>.png   0 = other (ignored), 1..150""")],
+    "pcontext_59": [Layout(
+        "pcontext/{split}/image", "pcontext/{split}/label", made_by="SAN's datasets/prepare_pcontext_sem_seg_59cls.py",
+        tree="""<root>/pcontext/{train,val}/
+├── image/<name>.jpg
+└── label/<name>.png   0..58, 255 = background (ignored)"""), Layout(
+        "VOCdevkit/VOC2010/JPEGImages", "VOCdevkit/VOC2010/SegmentationClassContext",
+        label_suffixes=((".png", REDUCE_ZERO_LABEL),),
+        index="VOCdevkit/VOC2010/ImageSets/SegmentationContext/{split}.txt",
+        made_by="mmseg's tools/dataset_converters/pascal_context.py (Detail API, trainval_merged.json)",
+        tree="""<root>/VOCdevkit/VOC2010/
+├── JPEGImages/<name>.jpg
+├── SegmentationClassContext/<name>.png   0 = background (ignored), 1..59
+└── ImageSets/SegmentationContext/{train,val}.txt""")],
+    "coco_stuff_171": [Layout(
+        "coco/{split}", "coco/stuffthingmaps_detectron2/{split}", splits=("train2017", "val2017"),
+        made_by="zsseg.baseline's / MaskFormer's datasets/prepare_coco_stuff_164k_sem_seg.py",
+        tree="""<root>/coco/
+├── {train2017,val2017}/<name>.jpg
+└── stuffthingmaps_detectron2/{train2017,val2017}/<name>.png   0..170, 255 = ignore""")],
+    "voc_20": [Layout(
+        "VOC2012/JPEGImages", "VOC2012/annotations_detectron2/{split}", index="labels",
+        made_by="SAN's datasets/prepare_voc_sem_seg.py (from SegmentationClassAug)",
+        tree="""<root>/VOC2012/
+├── JPEGImages/<name>.jpg   (every split; a split is the set of its label files)
+└── annotations_detectron2/{train,val}/<name>.png   0..19, 255 = background (ignored)""")],
+    "pcontext_459": [Layout(
+        "pcontext_full/{split}/image", "pcontext_full/{split}/label", label_suffixes=((".tif", None),),
+        ignore_index=IGNORE_16BIT, made_by="SAN's datasets/prepare_pcontext_sem_seg_459cls.py",
+        tree="""<root>/pcontext_full/{train,val}/
+├── image/<name>.jpg
+└── label/<name>.tif   16-bit, 0..458, 65535 = ignore""")],
+    "ade20k_847": [Layout(
+        "ADE20K_2021_17_01/images_detectron2/{split}", "ADE20K_2021_17_01/annotations_detectron2/{split}",
+        label_suffixes=((".tif", None),), splits=("training", "validation"), ignore_index=IGNORE_16BIT,
+        made_by="MaskFormer's datasets/prepare_ade20k_full_sem_seg.py",
+        tree="""<root>/ADE20K_2021_17_01/
+├── images_detectron2/{training,validation}/<name>.jpg
+└── annotations_detectron2/{training,validation}/<name>.tif   16-bit, 0..846, 65535 = ignore""")],
+}
+
+
+def real_dataset(name, split, data_root):
+    """The SegFolder of dataset `name` (a key of REAL_DATASETS), split "train" or "val", from the first of its
+    layouts found under data_root. A missing or malformed folder raises FileNotFoundError that draws the expected
+    layouts with data_root filled in and names the scripts that write them."""
+    if split not in ("train", "val"):
+        raise ValueError(f"split must be 'train' or 'val', got {split!r}")
+    root, layouts = Path(data_root).expanduser().resolve(), REAL_DATASETS[name]
+
+    def where(layout, path):
+        return root / path.format(split=layout.splits[split == "val"])
+
+    def expected(problem):
+        drawn = "\n\n".join(f"({i}) made by {lay.made_by}:\n{lay.tree.replace('<root>', str(root))}"
+                            for i, lay in enumerate(layouts, 1))
+        return f"dataset {name!r} (split {split!r}) under data_root {root}: {problem}\nExpected layout" \
+               f"{'s, in order of preference' if len(layouts) > 1 else ''}:\n\n{drawn}"
+
+    missing = []
+    for lay in layouts:
+        index = lay.index if lay.index in ("images", "labels") else where(lay, lay.index)  # or a split file
+        needed = [where(lay, lay.images), where(lay, lay.labels)] + ([] if isinstance(index, str) else [index])
+        absent = [p for p in needed if not p.exists()]
+        if absent:
+            missing += absent
+            continue
+        try:
+            return SegFolder(needed[0], needed[1], class_names(name), lay.image_suffix, lay.label_suffixes, index,
+                             lay.ignore_index)
+        except FileNotFoundError as e:  # an empty folder, an image without its label
+            raise FileNotFoundError(expected(str(e))) from None
+    raise FileNotFoundError(expected("not found; missing " + ", ".join(map(str, missing))))
+
+
+# ----------------------------------------------------------------------------------------------------------------------
+# 3. Training transforms
+# ----------------------------------------------------------------------------------------------------------------------
+def _uniform(low, high):
+    return float(torch.empty(()).uniform_(low, high))  # torch's RNG, which the loader seeds per worker
+
+
+def _randint(n):
+    return int(torch.randint(n + 1, ()))  # 0..n
+
+
+class TrainTransform:
+    """Random rescale -> photometric jitter -> random crop (padded) -> horizontal flip, on an image and its labels.
+
+    The rescale factor is drawn from scale_range, relative to the image with its short side resized to base_size
+    (0 = the native size); both resizes are done as one. aspect_range stretches the width by sqrt(a) and shrinks the
+    height by sqrt(a) (ANN: 0.9-1.1). Labels are resized with nearest neighbour (v2 does so for every Mask). The crop
+    pads the image with 0 and the labels with `ignore_index` where the scaled image is smaller than the crop; it comes
+    after the jitter, so the padding stays 0 (as in mmseg and detectron2, which pad last).
+    Photometric jitter, one mild setting for every model: brightness x[0.875, 1.125] (about SSD's +-32/255; ANN only
+    shifts brightness by +-10/255), contrast and saturation x[0.75, 1.25] (SSD: 0.5-1.5). No hue jitter (SSD: +-18
+    degrees): on one core it costs 0.14 s per 769x769 crop, more than the rest of the pipeline together.
+    """
+
+    def __init__(self, crop_size, base_size=0, scale_range=(0.5, 2.0), aspect_range=(1.0, 1.0), ignore_index=IGNORE):
+        self.crop_size, self.base_size = crop_size, base_size
+        self.scale_range, self.aspect_range = scale_range, aspect_range
+        self.jitter_crop_flip = v2.Compose([
+            v2.ColorJitter(brightness=0.125, contrast=0.25, saturation=0.25),  # changes images only; before the padding
+            v2.RandomCrop(crop_size, pad_if_needed=True, fill={tv_tensors.Image: 0, tv_tensors.Mask: ignore_index}),
+            v2.RandomHorizontalFlip(0.5),
+            v2.ToDtype({tv_tensors.Image: torch.float32, "others": None}, scale=True),  # uint8 -> [0, 1]
+        ])
+
+    def __call__(self, image, label):
+        """image uint8 (3, H, W), label int64 (H, W) -> image float32 (3, c, c) in [0, 1], label int64 (c, c)."""
+        h, w = image.shape[-2:]
+        s = (self.base_size / min(h, w) if self.base_size else 1.0) * _uniform(*self.scale_range)
+        a = _uniform(*self.aspect_range) ** 0.5
+        sy, sx = s / a, s * a  # vertical and horizontal scale
+        # Resize only a random window just large enough for the crop: the same crop as resize-then-crop (up to
+        # interpolation at the window's edge), without resizing the pixels the crop throws away (a 2x Cityscapes
+        # frame: 0.3 s on one core).
+        wh, ww = min(h, math.ceil(self.crop_size / sy) + 1), min(w, math.ceil(self.crop_size / sx) + 1)
+        top, left = _randint(h - wh), _randint(w - ww)
+        image, label = image[:, top:top + wh, left:left + ww], label[top:top + wh, left:left + ww]
+        size = [max(1, round(wh * sy)), max(1, round(ww * sx))]  # (h', w'), >= crop unless the image is smaller
+        image = v2.functional.resize(tv_tensors.Image(image), size, antialias=True)
+        label = v2.functional.resize(tv_tensors.Mask(label), size)  # nearest
+        image, label = self.jitter_crop_flip(image, label)
+        return image.as_subclass(torch.Tensor), label.as_subclass(torch.Tensor)
+
+
+# ----------------------------------------------------------------------------------------------------------------------
 # 4. build_dataset: the entry point
 # ----------------------------------------------------------------------------------------------------------------------
 def build_dataset(name, split, cfg):
     """The dataset `name` ("toy_context", "toy_shapes", "cityscapes", ...) for split "train" or "val".
 
-    Training splits of real datasets get the training transforms built from cfg.crop_size, cfg.base_size and
-    cfg.scale_range; toy data is generated at cfg.crop_size and needs none.
+    Real datasets (REAL_DATASETS) are read from cfg.data_root. Their training split gets the TrainTransform built
+    from cfg.crop_size, cfg.base_size, cfg.scale_range and, if the config has it, cfg.aspect_range (default none);
+    their val split is returned whole at its native size (models resize internally). Toy data is generated at
+    cfg.crop_size and needs no transform.
     """
     seed = getattr(cfg, "seed", 0)
     toy = {
@@ -216,4 +493,10 @@ def build_dataset(name, split, cfg):
     }
     if name in toy:
         return toy[name]()
-    raise KeyError(f"unknown dataset {name!r}; known: {sorted(toy)}")
+    if name in REAL_DATASETS:
+        dataset = real_dataset(name, split, cfg.data_root)
+        if split == "train":
+            dataset.transform = TrainTransform(cfg.crop_size, cfg.base_size, cfg.scale_range,
+                                               getattr(cfg, "aspect_range", (1.0, 1.0)), dataset.ignore_index)
+        return dataset
+    raise KeyError(f"unknown dataset {name!r}; known: {sorted(toy) + sorted(REAL_DATASETS)}")
