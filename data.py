@@ -193,6 +193,7 @@ class ToyShapesCaptions(Dataset):
     """
 
     TEMPLATES = ("a photo of a {}.", "a {}.", "there is a {} in the scene.", "a picture of a {}.", "{}")
+    class_names, seen_classes = SHAPE_CLASSES, None  # what zero-shot classification is scored on
 
     def __init__(self, split="train", size=64, length=None, seed=0):
         self.split, self.size, self.seed = split, size, seed

@@ -76,7 +76,8 @@ def evaluate_semseg(wrapper, dataset, device, rank=0, world=1):
     """Whole-image inference, one image at a time; images are split over DDP ranks, the confusion matrix summed."""
     names = dataset.class_names
     conf = torch.zeros(len(names), len(names), dtype=torch.int64)
-    for i in tqdm(range(rank, len(dataset), world), desc="eval", disable=rank != 0, leave=False):
+    for i in tqdm(range(rank, len(dataset), world), desc="eval", leave=False,
+                  disable=rank != 0 or not sys.stderr.isatty()):
         item = dataset[i]
         batch = {"image": item["image"][None].to(device), "label": item["label"][None].to(device)}
         pred = wrapper.predict(batch, vocab=names).argmax(1)  # (1, H, W)

@@ -279,6 +279,9 @@ def train(model_name, cfg, out, resume=False):
     np.random.seed(cfg.seed + rank)
     random.seed(cfg.seed + rank)
 
+    train_set = data.build_dataset(cfg.train_dataset, "train", cfg)
+    if getattr(cfg, "class_names", None) == ():  # open-vocabulary models train on the training set's own names
+        cfg = dataclasses.replace(cfg, class_names=tuple(train_set.class_names))
     wrapper = module.build_model(cfg, pretrained=ckpt is None).to(device)
     if world > 1 and getattr(cfg, "sync_bn", False) and device.type == "cuda":
         wrapper = torch.nn.SyncBatchNorm.convert_sync_batchnorm(wrapper)
@@ -299,7 +302,6 @@ def train(model_name, cfg, out, resume=False):
         if world > 1 else wrapper
     params = [p for group in optimizer.param_groups for p in group["params"]]
 
-    train_set = data.build_dataset(cfg.train_dataset, "train", cfg)
     sampler = InfiniteSampler(len(train_set), cfg.batch_size, rank, world, cfg.seed, start_step)
     loader = iter(DataLoader(train_set, batch_size=cfg.batch_size // world, sampler=sampler, collate_fn=collate,
                              num_workers=cfg.num_workers, pin_memory=device.type == "cuda",
@@ -316,8 +318,8 @@ def train(model_name, cfg, out, resume=False):
               f"{f' x{world}' if world > 1 else ''}, {cfg.max_iters} iterations at batch {cfg.batch_size}")
     log_file = open(out / "log.jsonl", "a") if master else None
     metrics, sums, count, t_last = {}, {}, 0, time.time()
-    bar = tqdm(range(start_step, cfg.max_iters), initial=start_step, total=cfg.max_iters, disable=not master,
-               dynamic_ncols=True, desc=model_name)
+    bar = tqdm(range(start_step, cfg.max_iters), initial=start_step, total=cfg.max_iters, dynamic_ncols=True,
+               desc=model_name, disable=not master or not sys.stderr.isatty())  # log files get the log lines only
     for step in bar:
         wrapper.train()
         batch = to_device(next(loader), device)
@@ -356,6 +358,10 @@ def train(model_name, cfg, out, resume=False):
                           + f" | lr {record['lr']:.2e} | {record['s_per_it']:.2f} s/it | eta {eta / 60:.1f} min{mem}")
                 log_file.write(json.dumps(record) + "\n")
                 log_file.flush()
+        if master and (done % cfg.ckpt_interval == 0 or done == cfg.max_iters):
+            save_checkpoint(ckpt_path, model_name=model_name, config=dataclasses.asdict(cfg),
+                            model=wrapper.state_dict(), optimizers={opt_name: optimizer.state_dict()},
+                            scaler=scaler.state_dict(), step=done, rng=rng_state())
         if done % cfg.eval_interval == 0 or done == cfg.max_iters:
             with amp:
                 metrics = evaluation.evaluate(wrapper, module.TASK, eval_sets, device, rank, world)
@@ -363,11 +369,10 @@ def train(model_name, cfg, out, resume=False):
                 bar.write(f"step {done} eval | " + evaluation.format_metrics(metrics))
                 log_file.write(json.dumps({"step": done, **metrics}) + "\n")
                 log_file.flush()
-        if master and (done % cfg.ckpt_interval == 0 or done == cfg.max_iters):
-            save_checkpoint(ckpt_path, model_name=model_name, config=dataclasses.asdict(cfg),
-                            model=wrapper.state_dict(), optimizers={opt_name: optimizer.state_dict()},
-                            scaler=scaler.state_dict(), step=done, rng=rng_state())
     bar.close()
+    if not metrics:  # resumed after the last iteration, before its evaluation
+        with amp:
+            metrics = evaluation.evaluate(wrapper, module.TASK, eval_sets, device, rank, world)
 
     if master:
         log_file.close()
