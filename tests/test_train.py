@@ -29,22 +29,37 @@ def losses(out):
     return {r["step"]: r["loss"] for r in records if "loss" in r}
 
 
-def test_help_lists_models_and_config_fields():
-    top = run(["--help"])
-    assert top.returncode == 0 and "ann" in top.stdout
-    fields = run(["--model", "tiny_seg", "--help"])
-    assert "--crop_size" in fields.stdout and "image size" in fields.stdout  # the field comment is the help
+def cli(argv, capsys):
+    """Run train.py's command-line parsing in-process; returns (exit code, stdout, stderr)."""
+    with pytest.raises(SystemExit) as exit_info:
+        train.parse_args(argv)
+    out, err = capsys.readouterr()
+    return exit_info.value.code, out, err
+
+
+def test_help_lists_models_and_config_fields(capsys, monkeypatch):
+    code, out, _ = cli(["--help"], capsys)
+    assert code == 0 and "ann" in out and "san" in out
+    monkeypatch.syspath_prepend(str(REPO / "tests" / "fixtures"))
+    code, out, _ = cli(["--model", "tiny_seg", "--help"], capsys)
+    assert "--crop_size" in out and "image size" in out  # the field comment is the help
 
 
 @pytest.mark.parametrize("args, message", [
     (["--model", "nope"], "unknown model 'nope'"),
-    (["--model", "tiny_seg", "--preset", "huge"], "has no preset 'huge'"),
-    (["--model", "tiny_seg", "--no_such_field", "1"], "unrecognized arguments: --no_such_field"),
-    (["--model", "tiny_seg", "--amp", "maybe"], "expected true or false"),
+    (["--model", "ann", "--preset", "huge"], "has no preset 'huge'"),
+    (["--model", "ann", "--no_such_field", "1"], "unrecognized arguments: --no_such_field"),
+    (["--model", "ann", "--amp", "maybe"], "expected true or false"),
 ])
-def test_bad_command_lines_are_clear_errors(args, message):
-    result = run(args)
-    assert result.returncode != 0 and message in result.stderr
+def test_bad_command_lines_are_clear_errors(args, message, capsys):
+    code, _, err = cli(args, capsys)
+    assert code not in (0, None) and message in f"{code} {err}"
+
+
+def test_flags_override_the_preset():
+    args, module, overrides = train.parse_args(["--model", "ann", "--context", "nl", "--pyramid-sizes", "1,2",
+                                                "--amp", "true"])
+    assert overrides == {"context": "nl", "pyramid_sizes": (1, 2), "amp": True}
 
 
 def test_lr_schedules():
