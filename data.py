@@ -145,7 +145,9 @@ def render_shapes(rng, size, num_objects):
         placed.append((y, x, r))
         k = rng.integers(len(SHAPE_CLASSES))
         colour, shape = SHAPE_CLASSES[k].split()
-        mask = _shape_mask(shape, y, x, r, S, angle=rng.uniform(-0.4, 0.4))
+        # Squares as wide as the circles' diameter and only slightly turned, so their corners tell them apart at the
+        # toy CLIP's 8-pixel patches (with the 0.85 r of ToyContext's squares they looked like circles to it).
+        mask = _shape_mask(shape, y, x, r / 0.85 if shape == "square" else r, S, angle=rng.uniform(-0.2, 0.2))
         rgb = np.clip(np.asarray(COLOURS[colour]) + rng.normal(0, 0.05, 3), 0, 1)
         shade = _noise_texture(rng, S, 1.0, 0.08)[mask]  # a little texture, so colour is the cue, not flatness
         image[:, mask] = rgb[:, None] * shade[None]
