@@ -393,6 +393,7 @@ def train(model_name, cfg, out, resume=False):
 
 
 def main(argv=None):
+    sys.stdout.reconfigure(line_buffering=True)  # log lines reach a redirected log file as they are printed
     args, module, overrides = parse_args(argv)
     cfg = dataclasses.replace(module.PRESETS[args.preset], **overrides)
     out = args.out or f"runs/{args.model}"
