@@ -4,6 +4,7 @@
     python bench.py --model ann --device cuda --runs 20          # the paper measured on a GPU
     python bench.py --model ann --size 96x96 --with-fusion       # whole blocks, with the concat + fusion conv
     python bench.py --model ann --toy-table runs/ann_none runs/ann_nl runs/ann_apnb
+    python bench.py --model san                                  # SAN's trainable parameters, 640 px inference
 
 What is measured, for one block at batch 1, in eval mode under torch.no_grad:
   - GFLOPs: torch.utils.flop_counter.FlopCounterMode, which counts matmul and convolution FLOPs as 2 x multiply-adds
@@ -203,14 +204,45 @@ def bench_ann(args):
     return ann_block_table(args.size, torch.device(args.device), args.runs, args.with_fusion)
 
 
-BENCHES = {"ann": bench_ann}  # model name -> function(args)
+# ----------------------------------------------------------------------------------------------------------------------
+# SAN: trainable parameters of the paper presets (official logs: 8.37M ViT-B/16, 9.32M ViT-L/14) and inference cost
+# ----------------------------------------------------------------------------------------------------------------------
+def bench_san(args):
+    """Parameters of `paper` and `paper_l14` (random weights), then one 640 px inference of each: GFLOPs, peak memory,
+    time. The text embeddings of the 171 COCO-Stuff names are computed once before measuring, as SAN caches them."""
+    import san
+    device = torch.device(args.device)
+    vocab = [n.rstrip("\n") for n in (Path(__file__).parent / "class_names" / "coco_stuff_171.txt").open()]
+    h, w = map(int, (args.size if args.size != "128x256" else "640x640").lower().split("x"))
+    image = {"image": torch.rand(1, 3, h, w, device=device)}
+    runs = args.runs or (20 if device.type == "cuda" else 1)
+    print(f"SAN, random weights, one {h}x{w} image, vocabulary of {len(vocab)} COCO-Stuff names (text cached), "
+          f"{device.type}, median of {runs} run(s).")
+    print("| preset | CLIP | trainable params | total params | GFLOPs | peak memory (MiB) | time (ms) |")
+    print("|---|---|---|---|---|---|---|")
+    for preset, official in (("paper", "8.37M"), ("paper_l14", "9.32M")):
+        cfg = san.PRESETS[preset]
+        torch.manual_seed(0)
+        wrapper = san.build_model(cfg, pretrained=False).to(device).eval()
+        trainable = sum(p.numel() for p in wrapper.parameters() if p.requires_grad)
+        total = sum(p.numel() for p in wrapper.parameters())
+        with torch.no_grad():
+            wrapper.predict(image, vocab)  # fills the text-embedding cache
+        r = measure(lambda: wrapper.predict(image, vocab), device, runs)
+        print(f"| {preset} | {cfg.clip_model} | {trainable / 1e6:.2f}M (official log {official}) | {total / 1e6:.1f}M "
+              f"| {r['gflops']:.1f} | {r['peak_mib']:.0f} | {r['ms']:.0f} |")
+        del wrapper
+
+
+BENCHES = {"ann": bench_ann, "san": bench_san}  # model name -> function(args)
 
 
 def main(argv=None):
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--model", required=True, choices=sorted(BENCHES))
     parser.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu", help="cpu | cuda")
-    parser.add_argument("--size", default="128x256", help="feature map HxW (ann: 128x256 as in the paper)")
+    parser.add_argument("--size", default="128x256", help="ann: feature map HxW (128x256 as in the paper); "
+                        "san: image HxW (default 640x640)")
     parser.add_argument("--runs", type=int, default=0, help="timed runs (default: 20 on CUDA, 1 on CPU)")
     parser.add_argument("--with-fusion", action="store_true", help="ann: time whole blocks, with the fusion conv")
     parser.add_argument("--toy-table", nargs="+", metavar="RUN_DIR",
