@@ -72,19 +72,19 @@ class Config:
     vocab_size: int = 49408  # the real CLIP BPE vocabulary (open_clip's SimpleTokenizer)
     # optimisation
     batch_size: int = 128  # (image, caption) pairs per step: the InfoNCE negatives
-    max_iters: int = 1200  # training iterations
+    max_iters: int = 400  # training iterations
     optimizer: str = "adamw"  # optimiser name
     lr: float = 1e-3  # peak learning rate
     weight_decay: float = 0.1  # AdamW weight decay (CLIP: 0.2)
     momentum: float = 0.9  # unused by AdamW
     schedule: str = "cosine"  # lr schedule after warm-up (CLIP: cosine)
-    warmup_iters: int = 100  # linear warm-up iterations
+    warmup_iters: int = 50  # linear warm-up iterations
     grad_clip: float = 1.0  # max gradient L2 norm, 0 = off
     amp: bool = True  # bf16/fp16 autocast on GPU; nothing on CPU
     # bookkeeping
-    eval_interval: int = 400  # iterations between evaluations
+    eval_interval: int = 200  # iterations between evaluations
     log_interval: int = 50  # iterations between log lines
-    ckpt_interval: int = 400  # iterations between checkpoints
+    ckpt_interval: int = 200  # iterations between checkpoints
     num_workers: int = 2  # data loader workers
     seed: int = 0  # one seed for data, init and loader
 
