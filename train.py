@@ -16,6 +16,7 @@ optimizer and schedule -> checkpoints -> the training loop -> main.
 import argparse
 import dataclasses
 import importlib
+import inspect
 import json
 import math
 import os
@@ -61,7 +62,6 @@ def load_model_module(name):
 
 def field_help(config_cls):
     """{field: help} from the `# comment` that follows each field in the Config's source."""
-    import inspect
     source = inspect.getsource(config_cls)
     return dict(re.findall(r"^\s+(\w+)\s*:[^#\n]*#\s*(.+)$", source, re.M))
 
@@ -91,7 +91,7 @@ def parse_args(argv=None):
     parser.add_argument("--model", required=True, help="model file to train: " + " | ".join(models))
     parser.add_argument("--preset", default="toy", help="a key of the model's PRESETS (default: toy)")
     parser.add_argument("--out", help="output folder (default: runs/<model>)")
-    parser.add_argument("--resume", action="store_true", help="continue from <out>/ckpt.pt")
+    parser.add_argument("--resume", action="store_true", help="continue from <out>/ckpt.pt, with the config stored in it")
     module = None
     if known.model:
         module = load_model_module(known.model)
