@@ -11,6 +11,7 @@ seen / unseen / harmonic split of zsseg) -> evaluation loops -> plots -> command
 """
 import argparse
 import json
+import os
 import sys
 from pathlib import Path
 
@@ -65,7 +66,7 @@ def segmentation_metrics(conf, class_names=None, seen=None):
 
 def format_metrics(metrics, sep=" | "):
     """The headline numbers on one line (per-class IoUs stay in metrics.json)."""
-    return sep.join(f"{k} {v:.2f}" for k, v in metrics.items() if "/IoU/" not in k)
+    return sep.join(f"{k} {v:.2f}" for k, v in metrics.items() if "/IoU/" not in k) or "(no evaluation datasets)"
 
 
 # ----------------------------------------------------------------------------------------------------------------------
@@ -105,16 +106,18 @@ def evaluate_clip(wrapper, dataset, device, rank=0, world=1):
     return {"zero_shot_acc": 100 * counts[0].item() / max(counts[1].item(), 1)}
 
 
+EVALUATORS = {"semseg": evaluate_semseg, "clip": evaluate_clip}  # TASK -> fn(wrapper, dataset, device, rank, world)
+
+
 def evaluate(wrapper, task, eval_sets, device, rank=0, world=1):
     """{"<dataset>/<metric>": value} over every (name, dataset) pair, with the metric the model's TASK calls for."""
-    loops = {"semseg": evaluate_semseg, "clip": evaluate_clip}
-    if task not in loops:
+    if eval_sets and task not in EVALUATORS:
         raise NotImplementedError(f"no evaluation for task {task!r}")
     was_training = wrapper.training
     wrapper.eval()
     metrics = {}
     for name, dataset in eval_sets:
-        metrics.update({f"{name}/{k}": v for k, v in loops[task](wrapper, dataset, device, rank, world).items()})
+        metrics.update({f"{name}/{k}": v for k, v in EVALUATORS[task](wrapper, dataset, device, rank, world).items()})
     wrapper.train(was_training)
     return metrics
 
@@ -150,25 +153,26 @@ def plot_losses(log_jsonl, png):
     """Every logged loss over the iterations, and the headline metrics at each evaluation."""
     plt = _pyplot()
     records = [json.loads(line) for line in Path(log_jsonl).read_text().splitlines() if line.strip()]
-    losses = [r for r in records if "loss" in r]
-    evals = [r for r in records if "loss" not in r]
+    losses = [r for r in records if any(k.startswith("loss") for k in r)]
+    evals = [r for r in records if not any(k.startswith("loss") for k in r)]
     fig, axes = plt.subplots(1, 2, figsize=(11, 4))
     for key in [k for k in losses[0] if k.startswith("loss")] if losses else []:
         axes[0].plot([r["step"] for r in losses], [r[key] for r in losses], label=key)
     axes[0].set(xlabel="iteration", ylabel="loss", yscale="log", title="training losses")
-    axes[0].legend(fontsize=8)
     for key in [k for k in (evals[0] if evals else {}) if k.rsplit("/", 1)[-1] in
                 ("mIoU", "mIoU_seen", "mIoU_unseen", "hIoU", "zero_shot_acc")]:
         axes[1].plot([r["step"] for r in evals], [r[key] for r in evals], "o-", label=key)
     axes[1].set(xlabel="iteration", ylabel="%", title="evaluation")
-    axes[1].legend(fontsize=8)
+    for ax in axes:
+        if ax.lines:
+            ax.legend(fontsize=8)
     fig.tight_layout()
     fig.savefig(png, dpi=100)
     plt.close(fig)
 
 
 @torch.no_grad()
-def plot_predictions(wrapper, dataset, png, device, n=4):
+def plot_semseg(wrapper, dataset, png, device, n=4):
     """Image, ground truth and prediction side by side for the first n images of `dataset`."""
     plt = _pyplot()
     wrapper.eval()
@@ -187,16 +191,36 @@ def plot_predictions(wrapper, dataset, png, device, n=4):
     plt.close(fig)
 
 
+PLOTTERS = {"semseg": plot_semseg}  # TASK -> fn(wrapper, dataset, png, device): train.py's predictions.png
+
+
+def read_image(path):
+    """float32 (3, H, W) RGB in [0, 1]; a missing or unreadable file is a clear error."""
+    from PIL import Image, UnidentifiedImageError
+    try:
+        with Image.open(path) as im:
+            return torch.from_numpy(np.asarray(im.convert("RGB")).copy()).permute(2, 0, 1).float() / 255
+    except FileNotFoundError:
+        raise FileNotFoundError(f"no image at {path}") from None
+    except (UnidentifiedImageError, OSError) as e:
+        raise ValueError(f"cannot read {path} as an image (expected a PNG, JPEG or other file PIL opens): {e}") \
+            from None
+
+
 @torch.no_grad()
 def segment_image(wrapper, image_path, vocab, out_dir, device, top=6):
     """Segment one image with a free vocabulary: an overlay PNG and, for models with mask proposals (SAN), the top
     proposals beside their attention-bias maps. Returns the paths written."""
-    from PIL import Image
     plt = _pyplot()
-    image = torch.from_numpy(np.asarray(Image.open(image_path).convert("RGB"))).permute(2, 0, 1).float() / 255
+    image = read_image(image_path)
     batch = {"image": image[None].to(device)}
     wrapper.eval()
-    pred = wrapper.predict(batch, vocab=vocab).argmax(1)[0].cpu().numpy()  # (H, W)
+    scores = wrapper.predict(batch, vocab=vocab)  # (1, K, H, W)
+    if scores.shape[1] != len(vocab):
+        raise ValueError(f"this model predicts a fixed set of {scores.shape[1]} classes, so --vocab cannot change "
+                         f"them (it gave {len(vocab)} names); leave out --vocab, or use an open-vocabulary model "
+                         "(san, zsseg)")
+    pred = scores.argmax(1)[0].cpu().numpy()  # (H, W)
     rgb = image.permute(1, 2, 0).numpy()
     overlay = 0.5 * rgb + 0.5 * colourise(pred, len(vocab))
     fig, ax = plt.subplots(figsize=(8, 8 * rgb.shape[0] / rgb.shape[1]))
@@ -235,7 +259,7 @@ def segment_image(wrapper, image_path, vocab, out_dir, device, top=6):
 # ----------------------------------------------------------------------------------------------------------------------
 def main(argv=None):
     import data
-    import train
+    from checkpoint import config_from_checkpoint, load_checkpoint, load_model_module
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--ckpt", required=True, help="a ckpt.pt written by train.py")
     parser.add_argument("--model", help="fail unless the checkpoint is of this model")
@@ -244,28 +268,36 @@ def main(argv=None):
     parser.add_argument("--vocab", help="comma-separated class names for --image (default: the training classes)")
     parser.add_argument("--out", help="folder for the outputs (default: the checkpoint's folder)")
     args = parser.parse_args(argv)
+    if args.vocab is not None and not args.image:
+        parser.error("--vocab names the classes for --image; give --image too")
     try:
-        ckpt = train.load_checkpoint(args.ckpt, args.model)
+        ckpt = load_checkpoint(args.ckpt, args.model)
+        module = load_model_module(ckpt["model_name"])
+        cfg = config_from_checkpoint(module, ckpt)
+        if args.data_root:
+            cfg.data_root = args.data_root
+        device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
+        wrapper = module.build_model(cfg, pretrained=False).to(device)
+        wrapper.load_state_dict(ckpt["model"])
+        out = Path(args.out or Path(args.ckpt).parent)
+        if args.image:
+            vocab = [v.strip() for v in args.vocab.split(",") if v.strip()] if args.vocab is not None else \
+                data.build_dataset(cfg.train_dataset, "val", cfg).class_names
+            if not vocab:
+                raise ValueError("--vocab is empty; give comma-separated class names, e.g. --vocab \"cat,dog,grass\"")
+            out.mkdir(parents=True, exist_ok=True)
+            for path in segment_image(wrapper, args.image, vocab, out, device):
+                print(f"wrote {path}")
+            return
+        eval_sets = [(n, data.build_dataset(n, "val", cfg)) for n in getattr(cfg, "eval_datasets", ())]
+        metrics = evaluate(wrapper, module.TASK, eval_sets, device)
     except (FileNotFoundError, ValueError) as e:
-        sys.exit(f"error: {e}")
-    module = train.load_model_module(ckpt["model_name"])
-    cfg = train.config_from_checkpoint(module, ckpt)
-    if args.data_root:
-        cfg.data_root = args.data_root
-    device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
-    wrapper = module.build_model(cfg, pretrained=False).to(device)
-    wrapper.load_state_dict(ckpt["model"])
-    out = Path(args.out or Path(args.ckpt).parent)
-    out.mkdir(parents=True, exist_ok=True)
-    if args.image:
-        vocab = [v.strip() for v in args.vocab.split(",")] if args.vocab else \
-            data.build_dataset(cfg.train_dataset, "val", cfg).class_names
-        for path in segment_image(wrapper, args.image, vocab, out, device):
-            print(f"wrote {path}")
-        return
-    metrics = evaluate(wrapper, module.TASK, [(n, data.build_dataset(n, "val", cfg)) for n in cfg.eval_datasets],
-                       device)
+        if os.environ.get("TRACEBACK"):
+            raise
+        print(f"error: {e}", file=sys.stderr)
+        sys.exit(2)
     print(format_metrics(metrics, "\n"))
+    out.mkdir(parents=True, exist_ok=True)
     (out / "eval_metrics.json").write_text(json.dumps(metrics, indent=1))
     print(f"wrote {out / 'eval_metrics.json'}")
 

@@ -54,11 +54,7 @@ class Config:
     # data
     train_dataset: str = "toy_shapes_captions"  # captioned 1-2 object images of all 12 colour x shape classes
     eval_datasets: tuple = ("toy_shapes_captions",)  # zero-shot accuracy on its single-object val images
-    data_root: str = "data"  # unused: the toy data is generated on the fly
-    num_classes: int = 12  # unused by the model (open vocabulary); the number of SHAPE_CLASSES
     crop_size: int = 64  # image side; also the ViT input size
-    base_size: int = 0  # unused: no resizing augmentation
-    scale_range: tuple = (1.0, 1.0)  # unused: no scale augmentation
     # architecture (open_clip CLIP with a ViT image tower)
     embed_dim: int = 128  # D, the joint image-text embedding
     vision_width: int = 128  # ViT token width
@@ -76,7 +72,6 @@ class Config:
     optimizer: str = "adamw"  # optimiser name
     lr: float = 1e-3  # peak learning rate
     weight_decay: float = 0.1  # AdamW weight decay (CLIP: 0.2)
-    momentum: float = 0.9  # unused by AdamW
     schedule: str = "cosine"  # lr schedule after warm-up (CLIP: cosine)
     warmup_iters: int = 50  # linear warm-up iterations
     grad_clip: float = 1.0  # max gradient L2 norm, 0 = off

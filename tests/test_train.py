@@ -12,6 +12,7 @@ from types import SimpleNamespace
 import pytest
 import torch
 
+import checkpoint
 import train
 
 REPO = Path(__file__).resolve().parents[1]
@@ -128,14 +129,14 @@ def test_checkpoint_errors(tmp_path):
     assert run(["--model", "tiny_seg", "--out", tmp_path]).returncode == 0
     ckpt = tmp_path / "ckpt.pt"
     with pytest.raises(ValueError, match="checkpoint of model 'tiny_seg', not 'ann'"):
-        train.load_checkpoint(ckpt, "ann")
+        checkpoint.load_checkpoint(ckpt, "ann")
     corrupt = tmp_path / "corrupt.pt"
     corrupt.write_bytes(ckpt.read_bytes()[:1000])
     with pytest.raises(ValueError, match="not a readable checkpoint"):
-        train.load_checkpoint(corrupt)
+        checkpoint.load_checkpoint(corrupt)
     torch.save({"weights": torch.zeros(1)}, tmp_path / "foreign.pt")
     with pytest.raises(ValueError, match="not a checkpoint written by this project"):
-        train.load_checkpoint(tmp_path / "foreign.pt")
+        checkpoint.load_checkpoint(tmp_path / "foreign.pt")
     result = subprocess.run([sys.executable, "eval.py", "--ckpt", corrupt], cwd=REPO, env=ENV, capture_output=True,
                             text=True, timeout=120)
     assert result.returncode != 0 and "not a readable checkpoint" in result.stderr
