@@ -154,12 +154,12 @@ def load_imagenet_weights(resnet, spec):
         state = torch.load(spec, map_location="cpu", weights_only=True)
         state = state.get("state_dict", state.get("model", state))  # plain, or wrapped as many checkpoints are
     elif spec.endswith((".pth", ".pt")):
-        raise RuntimeError(f"pretrained_backbone {spec!r}: no such file")
+        raise FileNotFoundError(f"pretrained_backbone {spec!r}: no such file")
     else:
         try:
             state = torchvision.models.get_weight(spec).get_state_dict(progress=False)
         except Exception as e:  # offline, unknown name, corrupt cache
-            raise RuntimeError(
+            raise FileNotFoundError(
                 f"could not load the ImageNet backbone weights {spec!r} ({type(e).__name__}: {e}). The paper presets "
                 f"need them. Offline? On a machine with a network run `python -c \"import torchvision; "
                 f"torch.save(torchvision.models.get_weight('{spec}').get_state_dict(), 'r.pth')\"` (or fill "
@@ -171,7 +171,7 @@ def load_imagenet_weights(resnet, spec):
         if missing or unexpected:
             raise RuntimeError(f"missing {missing[:5]}, unexpected {unexpected[:5]}")
     except RuntimeError as e:
-        raise RuntimeError(f"backbone weights {spec!r} do not fit a torchvision ResNet: {str(e)[:400]}") from None
+        raise ValueError(f"backbone weights {spec!r} do not fit a torchvision ResNet: {str(e)[:400]}") from None
 
 
 class Backbone(nn.Module):
@@ -396,7 +396,7 @@ class ANN(nn.Module):
 def build_model(cfg, pretrained=True):
     """The training wrapper for `cfg`. pretrained=False skips the ImageNet weights (e.g. to load a checkpoint)."""
     if pretrained and cfg.backbone != "toy" and not cfg.pretrained_backbone:
-        raise RuntimeError(f"backbone {cfg.backbone} needs ImageNet weights: set --pretrained_backbone to a "
+        raise ValueError(f"backbone {cfg.backbone} needs ImageNet weights: set --pretrained_backbone to a "
                            "torchvision weights name (e.g. ResNet101_Weights.IMAGENET1K_V1) or a local .pth file")
     return ANN(cfg, ANNNet(cfg, pretrained))
 

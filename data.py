@@ -251,6 +251,16 @@ def _files(folder, suffix):
     return {p.relative_to(folder).as_posix()[:-len(suffix)]: p for p in folder.rglob("*" + suffix)}
 
 
+def read_file(path, convert=lambda im: im):
+    """A numpy array of the image or label map at `path` (PIL: 8-bit PNG/JPEG, 16-bit TIFF). A corrupt or truncated
+    file stops the run with its path: a skipped file would silently change the dataset and its metrics."""
+    try:
+        with Image.open(path) as im:
+            return np.array(convert(im))
+    except (OSError, ValueError, SyntaxError) as e:  # PIL's UnidentifiedImageError is an OSError
+        raise ValueError(f"cannot read {path} ({e}); the run stops: replace or remove the file") from None
+
+
 class SegFolder(Dataset):
     """Images and label maps from two folders, paired by file stem, in sorted (deterministic) order.
 
@@ -296,9 +306,8 @@ class SegFolder(Dataset):
 
     def __getitem__(self, index):
         image_path, label_path, lut = self.items[index]
-        with Image.open(image_path) as im, Image.open(label_path) as lab:  # PIL (torchvision.io's are deprecated)
-            image = torch.from_numpy(np.array(im.convert("RGB"))).permute(2, 0, 1)  # uint8 (3, H, W)
-            label = np.array(lab)  # uint8 or uint16 (H, W)
+        image, label = read_file(image_path, lambda im: im.convert("RGB")), read_file(label_path)
+        image = torch.from_numpy(image).permute(2, 0, 1)  # uint8 (3, H, W)
         label = torch.from_numpy((label if lut is None else lut[label]).astype(np.int64))
         if label.shape != image.shape[1:]:
             raise ValueError(f"label {label_path} has shape {tuple(label.shape)}, its image {image_path} has size "
@@ -502,4 +511,4 @@ def build_dataset(name, split, cfg):
             dataset.transform = TrainTransform(cfg.crop_size, cfg.base_size, cfg.scale_range,
                                                getattr(cfg, "aspect_range", (1.0, 1.0)), dataset.ignore_index)
         return dataset
-    raise KeyError(f"unknown dataset {name!r}; known: {sorted(toy) + sorted(REAL_DATASETS)}")
+    raise ValueError(f"unknown dataset {name!r}; known: {', '.join(sorted(toy) + sorted(REAL_DATASETS))}")

@@ -163,7 +163,7 @@ def load_clip(cfg, pretrained=True):
         if not tag:
             raise
         hub = f" from https://huggingface.co/{tag['hf_hub'].rstrip('/')}" if tag.get("hf_hub") else ""
-        raise RuntimeError(f"could not load CLIP weights {weights!r} for {name} (no network?); download "
+        raise FileNotFoundError(f"could not load CLIP weights {weights!r} for {name} (no network?); download "
                            f"open_clip_pytorch_model.bin{hub} and pass --clip_pretrained PATH") from e
     return clip, open_clip.get_tokenizer(name)
 

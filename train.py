@@ -35,7 +35,7 @@ import numpy as np
 import torch
 import torch.distributed as dist
 from torch.nn.parallel import DistributedDataParallel
-from torch.utils.data import DataLoader, Sampler
+from torch.utils.data import DataLoader, Dataset, Sampler
 from tqdm import tqdm
 
 import data
@@ -98,6 +98,8 @@ def parse_args(argv=None):
     first.add_argument("--preset", default="toy")
     known, _ = first.parse_known_args(argv)
     parser = argparse.ArgumentParser(
+        prog="train.py", usage="%(prog)s --model MODEL [--preset PRESET] [--out OUT] [--resume | --fresh] "
+                               "[--FIELD VALUE ...]",
         description="Train a model of this repository. Models: " + ", ".join(models),
         epilog="Every Config field of the model is a flag too; `--model X --help` lists them.")
     parser.add_argument("--model", required=True, help="model file to train: " + " | ".join(models))
@@ -165,16 +167,17 @@ def autocast_for(device, enabled):
 # Data: an infinite sampler that can resume mid-epoch
 # ----------------------------------------------------------------------------------------------------------------------
 class InfiniteSampler(Sampler):
-    """Indices for this rank, forever, starting at a given step.
+    """(dataset index, stream position) pairs for this rank, forever, starting at a given step.
 
     Like DistributedSampler with set_epoch, but without epochs: the global sample stream is a new seeded permutation
     of the dataset every pass, global batch s is stream[s*B : (s+1)*B], and rank r takes its slice of each global
     batch. So the global batch does not depend on the number of processes, and a resumed run sees exactly the
-    samples the killed run would have seen next.
+    samples the killed run would have seen next. The position seeds the item's augmentation (SeededItems).
     """
 
     def __init__(self, size, global_batch, rank, world, seed, start_step=0):
-        assert global_batch % world == 0, f"batch_size {global_batch} must divide by the {world} processes"
+        if global_batch % world:
+            raise ValueError(f"batch_size {global_batch} (the global batch) must divide by the {world} processes")
         self.size, self.B, self.b, self.rank = size, global_batch, global_batch // world, rank
         self.seed, self.start_step = seed, start_step
 
@@ -183,12 +186,38 @@ class InfiniteSampler(Sampler):
         step = self.start_step
         while True:
             for j in range(self.rank * self.b, (self.rank + 1) * self.b):
-                pass_index, i = divmod(step * self.B + j, self.size)
+                position = step * self.B + j
+                pass_index, i = divmod(position, self.size)
                 if pass_index != perm_pass:
                     g = torch.Generator().manual_seed(self.seed * 100_003 + pass_index)
                     perm, perm_pass = torch.randperm(self.size, generator=g), pass_index
-                yield int(perm[i])
+                yield int(perm[i]), position
             step += 1
+
+
+class SeededItems(Dataset):
+    """dataset[index] with torch's, numpy's and Python's generators seeded by the item's stream position, so its random
+    augmentation depends on neither the loader worker, the number of processes nor a resume; the caller's generator
+    states are left as they were."""
+
+    def __init__(self, dataset, seed):
+        self.dataset, self.seed = dataset, seed
+
+    def __len__(self):
+        return len(self.dataset)
+
+    def __getitem__(self, key):
+        index, position = key
+        seed = (self.seed * 1_000_003 + position) % 2**32
+        np_state, py_state = np.random.get_state(), random.getstate()
+        with torch.random.fork_rng(devices=[]):
+            torch.manual_seed(seed)
+            np.random.seed(seed)
+            random.seed(seed)
+            item = self.dataset[index]
+        np.random.set_state(np_state)
+        random.setstate(py_state)
+        return item
 
 
 def collate(items):
@@ -281,7 +310,8 @@ def claim_run_folder(out, resume, fresh):
     ckpt = out / "ckpt.pt"
     if resume:
         if not ckpt.is_file():
-            raise RunError(f"--resume: no checkpoint at {ckpt} to continue; leave out --resume to start a new run")
+            raise RunError(f"--resume: no checkpoint at {ckpt} to continue (a run killed before its first checkpoint "
+                           "has none); leave out --resume to start a new run, with --fresh if the folder holds one")
         return
     held = [name for name in RUN_FILES if (out / name).exists()]
     if not held:
@@ -369,10 +399,10 @@ def train(model_name, cfg, out, resume=False, fresh=False):
     params = {name: [p for group in opt.param_groups for p in group["params"]] for name, opt in optimizers.items()}
 
     sampler = InfiniteSampler(len(train_set), opts.batch_size, rank, world, opts.seed, start_step)
-    loader = iter(DataLoader(train_set, batch_size=opts.batch_size // world, sampler=sampler, collate_fn=collate,
-                             num_workers=opts.num_workers, pin_memory=device.type == "cuda",
-                             worker_init_fn=lambda w: np.random.seed(opts.seed * 1000 + rank * 100 + w),
-                             persistent_workers=opts.num_workers > 0))
+    loader = iter(DataLoader(SeededItems(train_set, opts.seed), batch_size=opts.batch_size // world, sampler=sampler,
+                             collate_fn=collate, num_workers=opts.num_workers, pin_memory=device.type == "cuda",
+                             persistent_workers=opts.num_workers > 0,
+                             generator=torch.Generator().manual_seed(opts.seed)))  # leaves the global RNG alone
     eval_sets = [(name, data.build_dataset(name, "val", cfg)) for name in opts.eval_datasets]
 
     if master:

@@ -195,7 +195,7 @@ def test_backbone_loads_a_local_state_dict(tmp_path):
     assert torch.equal(backbone.stem[1].running_mean, source.bn1.running_mean)
     assert backbone.layer4[1].conv2.dilation == (4, 4) and backbone.layer3[1].conv2.dilation == (2, 2)
     torch.save(torchvision.models.resnet18().state_dict(), tmp_path / "r18.pth")
-    with pytest.raises(RuntimeError, match="do not fit"):
+    with pytest.raises(ValueError, match="do not fit"):
         ann.Backbone("resnet50", str(tmp_path / "r18.pth"))
 
 
@@ -206,11 +206,11 @@ def test_missing_weights_are_a_clear_error(tmp_path, monkeypatch):
         raise urllib.error.URLError("no network")
 
     monkeypatch.setattr(torchvision.models._api, "load_state_dict_from_url", offline)
-    with pytest.raises(RuntimeError, match=r"ResNet50_Weights\.IMAGENET1K_V1.*--pretrained_backbone PATH"):
+    with pytest.raises(FileNotFoundError, match=r"ResNet50_Weights\.IMAGENET1K_V1.*--pretrained_backbone PATH"):
         ann.Backbone("resnet50", "ResNet50_Weights.IMAGENET1K_V1")
-    with pytest.raises(RuntimeError, match="no such file"):
+    with pytest.raises(FileNotFoundError, match="no such file"):
         ann.Backbone("resnet50", str(tmp_path / "missing.pth"))
-    with pytest.raises(RuntimeError, match="needs ImageNet weights"):
+    with pytest.raises(ValueError, match="needs ImageNet weights"):
         ann.build_model(replace(ann.PRESETS["paper"], pretrained_backbone=""))
 
 

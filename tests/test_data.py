@@ -166,7 +166,7 @@ def test_empty_folder_and_missing_label_are_named(tmp_path):
 
 
 def test_unknown_names_and_splits():
-    with pytest.raises(KeyError, match="coco_stuff_171"):
+    with pytest.raises(ValueError, match="coco_stuff_171"):
         data.build_dataset("coco", "val", cfg("."))
     with pytest.raises(ValueError):
         data.real_dataset("voc_20", "test", ".")

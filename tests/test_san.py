@@ -83,7 +83,7 @@ def test_openai_weights_offline_is_a_clear_error_not_a_random_clip(monkeypatch):
     def offline(*args, **kwargs):  # what huggingface_hub raises with no network; nothing is attempted
         raise OSError("We couldn't connect to 'https://huggingface.co'")
     monkeypatch.setattr(open_clip.factory, "download_pretrained", offline)
-    with pytest.raises(RuntimeError) as error:
+    with pytest.raises(FileNotFoundError) as error:
         san.build_model(san.PRESETS["paper"])
     message = str(error.value)
     assert "'openai'" in message and "ViT-B-16" in message and "--clip_pretrained PATH" in message

@@ -1,7 +1,6 @@
 """Tests of toy_clip.py: shapes, gradients, a short fit, the open_clip export round trip, the metric."""
 import dataclasses
 import json
-import math
 import os
 import sys
 
