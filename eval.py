@@ -4,10 +4,12 @@
     python eval.py --ckpt runs/san/ckpt.pt --data-root datasets           # real data in another folder
     python eval.py --ckpt runs/san/ckpt.pt --image my.jpg --vocab "cat,dog,grass"
 
-The model is rebuilt from the configuration stored in the checkpoint; no other flag is needed.
+The model is rebuilt from the configuration stored in the checkpoint (checkpoint.py); no other flag is needed. What
+is measured and drawn follows the model file's TASK: EVALUATORS[task] computes the metrics, PLOTTERS[task] draws
+train.py's predictions.png.
 
 Contents: semantic-segmentation metrics (detectron2's SemSegEvaluator definitions, plus the generalized zero-shot
-seen / unseen / harmonic split of zsseg) -> evaluation loops -> plots -> command line.
+seen / unseen / harmonic split of zsseg) -> evaluation loops and EVALUATORS -> plots and PLOTTERS -> command line.
 """
 import argparse
 import json
