@@ -24,15 +24,18 @@ ENV = {**os.environ, "PYTHONPATH": str(FIXTURES), "OMP_NUM_THREADS": "1"}
 
 
 def train_here(*argv, fixtures=True):
-    """train.py's main(argv) in this process (no interpreter start-up), from the repository folder."""
-    old_path, old_cwd = list(sys.path), os.getcwd()
+    """train.py's main(argv) in this process (no interpreter start-up), from the repository folder, on one thread as
+    the subprocesses (float sums in another order would make bitwise comparisons of weights fail)."""
+    old_path, old_cwd, old_threads = list(sys.path), os.getcwd(), torch.get_num_threads()
     try:
         if fixtures:
             sys.path.insert(0, str(FIXTURES))
         os.chdir(REPO)
+        torch.set_num_threads(1)
         train.main([str(a) for a in argv])
     finally:
         sys.path[:], _ = old_path, os.chdir(old_cwd)
+        torch.set_num_threads(old_threads)
 
 
 @pytest.fixture(scope="module")
