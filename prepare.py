@@ -182,7 +182,7 @@ def check_values(values, allowed, path, what):
     """Stop the run if `values` (a label map) holds a value outside `allowed` (a set or a boolean lookup table)."""
     found = np.unique(values)
     if isinstance(allowed, np.ndarray):
-        bad = found[(found >= len(allowed)) | ~allowed[np.minimum(found, len(allowed) - 1)]]
+        bad = found[(found < 0) | (found >= len(allowed)) | ~allowed[np.clip(found, 0, len(allowed) - 1)]]
     else:
         bad = np.array([v for v in found if int(v) not in allowed])
     if len(bad):
@@ -412,7 +412,8 @@ def _detail_images(raw):
     trainval_merged.json (what the Detail API's getImgs(phase) and getMask read)."""
     path = need(raw, "trainval_merged.json")
     try:
-        detail = json.loads(path.read_text())
+        with open(path) as f:
+            detail = json.load(f)
         images = {img["image_id"]: dict(img, annos=[]) for img in detail["images"]}
         for ann in detail["annos_segmentation"]:  # file order = the order getMask paints them, later on top
             images[ann["image_id"]]["annos"].append(ann)
@@ -487,7 +488,7 @@ def prepare_pcontext_459(raw, root):
             try:
                 if not out_label.exists():
                     try:
-                        label = loadmat(src)["LabelMap"]
+                        label = np.asarray(loadmat(src)["LabelMap"]).astype(np.int64)  # uint16 or double
                     except FileNotFoundError:
                         raise PrepareError(f"{src.name} not found: is {raw / 'trainval.tar.gz'} complete?") from None
                     except Exception as e:  # scipy raises several types for a damaged .mat
