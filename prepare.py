@@ -718,8 +718,8 @@ def main(argv=None):
     try:
         written = prepare(args.dataset, args.raw, args.data_root)
     except PrepareError as e:
-        print(f"prepare.py {args.dataset}: {e}", file=sys.stderr)
-        return 1
+        print(f"error: prepare.py {args.dataset}: {e}", file=sys.stderr)
+        return 2  # a user mistake: exit status 2, as train.py and eval.py
     print(f"{args.dataset} is ready under {Path(args.data_root).resolve()}:")
     for path in written:
         print(f"  {path}")

@@ -112,17 +112,17 @@ def test_missing_truncated_and_out_of_range(tmp_path, capsys):
     raw, root = tmp_path / "raw", tmp_path / "datasets"
     raw.mkdir()
     status, _, err = run(capsys, "coco_stuff_171", "--raw", raw, "--data-root", root)
-    assert status == 1 and "train2017.zip not found" in err and "images.cocodataset.org" in err
+    assert status == 2 and "train2017.zip not found" in err and "images.cocodataset.org" in err
     (raw / "ADEChallengeData2016.zip").write_bytes(b"PK\x03\x04 only the first bytes of a zip")
     status, _, err = run(capsys, "ade20k_150", "--raw", raw, "--data-root", root)
-    assert status == 1 and "incomplete or corrupt" in err and "ADEchallenge" in err
+    assert status == 2 and "incomplete or corrupt" in err and "ADEchallenge" in err
     label = np.zeros((4, 4))
     label[1, 1] = 151  # ADE-150 has 0..150
     make_zip(raw / "ADEChallengeData2016.zip", {
         "ADEChallengeData2016/images/training/ADE_train_00000001.jpg": jpeg(4, 4),
         "ADEChallengeData2016/annotations/training/ADE_train_00000001.png": png(label)})
     status, _, err = run(capsys, "ade20k_150", "--raw", raw, "--data-root", root)
-    assert status == 1 and "ADE_train_00000001.png" in err and "[0, 151]" not in err and "[151]" in err
+    assert status == 2 and "ADE_train_00000001.png" in err and "[0, 151]" not in err and "[151]" in err
 
 
 # ---------------------------------------------------------------------------------------------------------------------
@@ -354,7 +354,7 @@ def test_market1501(tmp_path, capsys):
     (raw / "market-pairs-test.csv").write_text("from;to\n")
     (root / ".prepared/market1501.json").unlink()
     status, _, err = run(capsys, "market1501", "--raw", raw, "--data-root", root)
-    assert status == 1 and "market-pairs-test.csv" in err and "'from,to'" in err
+    assert status == 2 and "market-pairs-test.csv" in err and "'from,to'" in err
 
 
 def test_deepfashion_with_a_corrupt_image(tmp_path, capsys):
@@ -397,4 +397,4 @@ def test_ade847_ids_match_the_class_names():
 @pytest.mark.parametrize("name", sorted(prepare.DATASETS))
 def test_every_dataset_names_its_downloads(tmp_path, capsys, name):
     status, _, err = run(capsys, name, "--raw", tmp_path, "--data-root", tmp_path / "datasets")
-    assert status == 1 and "not found" in err and "download" in err and "Traceback" not in err
+    assert status == 2 and "not found" in err and "download" in err and "Traceback" not in err
