@@ -1,0 +1,212 @@
+"""Released checkpoints -> our files (convert.py, san.convert_official_state_dict, ann.convert_official_state_dict).
+
+No test downloads anything: each builds a state dict under exactly the official key names and shapes (restated here
+from the official code: MendelXu/SAN san/model/{san,side_adapter/side_adapter,clip_utils/*,layers}.py; MendelXu/ANN
+models/{backbones/resnet,seg/nets/annn,seg/utils/afnb,seg/utils/apnb}.py), with random values, converts it and
+checks where every tensor lands.
+"""
+import dataclasses
+import json
+import re
+
+import open_clip
+import pytest
+import torch
+import torch.nn as nn
+import torch.nn.functional as F
+
+import convert
+import san
+
+TINY_CLIP = {"embed_dim": 64, "vision_cfg": {"image_size": 64, "layers": 6, "width": 64, "head_width": 16,
+                                             "patch_size": 8},
+             "text_cfg": {"context_length": 16, "vocab_size": 49408, "width": 64, "heads": 4, "layers": 2}}
+
+
+# ----------------------------------------------------------------------------------------------------------------------
+# SAN
+# ----------------------------------------------------------------------------------------------------------------------
+def official_san_shapes(cfg, clip_shapes, heads, num_classes):
+    """{official key: shape} of MendelXu/SAN's detectron2 model for `cfg`, given the open_clip CLIP's {key: shape}."""
+    W, Q, E, k, p = cfg.side_width, cfg.num_queries, cfg.decoder_dim, cfg.clip_feature_layers[-1], cfg.side_patch_size
+    C = clip_shapes["visual.ln_pre.weight"][0]
+    sa = "side_adapter_network."
+    shapes = {sa + "vit_model.patch_embed.proj.weight": (W, 3, p, p), sa + "vit_model.patch_embed.proj.bias": (W,),
+              sa + "vit_model.pos_embed": (1, (cfg.side_image_size // p) ** 2, W),  # cls token removed
+              sa + "query_embed": (1, Q, W), sa + "query_pos_embed": (1, Q, W)}
+    for i in range(cfg.side_depth):  # timm's Block
+        b = f"{sa}vit_model.blocks.{i}."
+        shapes.update({b + "norm1.weight": (W,), b + "norm1.bias": (W,), b + "attn.qkv.weight": (3 * W, W),
+                       b + "attn.qkv.bias": (3 * W,), b + "attn.proj.weight": (W, W), b + "attn.proj.bias": (W,),
+                       b + "norm2.weight": (W,), b + "norm2.bias": (W,), b + "mlp.fc1.weight": (4 * W, W),
+                       b + "mlp.fc1.bias": (4 * W,), b + "mlp.fc2.weight": (W, 4 * W), b + "mlp.fc2.bias": (W,)})
+    for j in range(len(cfg.clip_feature_layers)):  # FUSION_MAP "clip i -> side j": layer_j
+        f = f"{sa}fusion_layers.layer_{j}.input_proj."
+        shapes.update({f + "0.weight": (C,), f + "0.bias": (C,), f + "1.weight": (W, C, 1, 1), f + "1.bias": (W,)})
+    for mlp, conv, out in (("query_mlp", False, E), ("pix_mlp", True, E), ("attn_mlp", True, E * heads)):
+        for n, (a, b) in enumerate(((W, E), (E, E), (E, out))):
+            shapes[f"{sa}mask_decoder.{mlp}.layers.{n}.weight"] = (b, a, 1, 1) if conv else (b, a)
+            shapes[f"{sa}mask_decoder.{mlp}.layers.{n}.bias"] = (b,)
+    shapes.update({sa + "mask_decoder.bias_scaling.weight": (1, 1), sa + "mask_decoder.bias_scaling.bias": (1,)})
+    for key, shape in clip_shapes.items():  # FeatureExtractor, RecWithAttnbiasHead, LearnableBgOvClassifier
+        m = re.fullmatch(r"visual\.transformer\.resblocks\.(\d+)\.(.+)", key)
+        if m and int(m[1]) < k:
+            shapes[f"clip_visual_extractor.resblocks.{m[1]}.{m[2]}"] = shape
+        elif m:
+            shapes[f"clip_rec_head.resblocks.{int(m[1]) - k}.{m[2]}"] = shape
+        elif key.startswith(("visual.ln_post", "visual.proj")):
+            shapes["clip_rec_head." + key[len("visual."):]] = shape
+        elif key.startswith("visual."):
+            shapes["clip_visual_extractor." + key[len("visual."):]] = shape
+        else:
+            shapes["ov_classifier." + key] = shape
+    shapes["ov_classifier.bg_embed"] = (1, clip_shapes["text_projection"][1])
+    shapes["criterion.empty_weight"] = (num_classes + 1,)
+    return shapes
+
+
+@pytest.fixture(scope="module")
+def tiny(tmp_path_factory):
+    """A toy-sized SAN on a tiny random open_clip CLIP, and a random official state dict for it."""
+    tmp = tmp_path_factory.mktemp("san")
+    (tmp / "tiny_clip.json").write_text(json.dumps(TINY_CLIP))
+    torch.manual_seed(0)
+    clip_state = open_clip.model.CLIP(**TINY_CLIP).state_dict()
+    torch.save(clip_state, tmp / "tiny_clip.pt")
+    cfg = dataclasses.replace(san.PRESETS["toy"], clip_model=str(tmp / "tiny_clip.json"),
+                              clip_pretrained=str(tmp / "tiny_clip.pt"))
+    shapes = official_san_shapes(cfg, {k: tuple(v.shape) for k, v in clip_state.items()}, heads=4, num_classes=8)
+    g = torch.Generator().manual_seed(1)
+    official = {k: torch.randn(s, generator=g) * 0.1 for k, s in shapes.items()}
+    return cfg, official, tmp
+
+
+def place_by_hand(cfg, official):
+    """Our SAN with the official tensors assigned attribute by attribute (no key table)."""
+    wrapper = san.build_model(cfg, pretrained=False)
+    net, side, o = wrapper.net, wrapper.net.side, {k.replace("side_adapter_network.", "S."): v for k, v in
+                                                   official.items()}
+    clip = {}
+    k = cfg.clip_feature_layers[-1]
+    for key, v in official.items():
+        if key.startswith("clip_visual_extractor.resblocks."):
+            clip["visual.transformer." + key[len("clip_visual_extractor."):]] = v
+        elif key.startswith("clip_visual_extractor."):
+            clip["visual." + key[len("clip_visual_extractor."):]] = v
+        elif key.startswith("clip_rec_head.resblocks."):
+            i, rest = key[len("clip_rec_head.resblocks."):].split(".", 1)
+            clip[f"visual.transformer.resblocks.{int(i) + k}.{rest}"] = v
+        elif key.startswith("clip_rec_head."):
+            clip["visual." + key[len("clip_rec_head."):]] = v
+        elif key.startswith("ov_classifier.") and key != "ov_classifier.bg_embed":
+            clip[key[len("ov_classifier."):]] = v
+    net.clip.load_state_dict(clip)
+    with torch.no_grad():
+        net.bg_embed.copy_(official["ov_classifier.bg_embed"])
+        side.patch_embed.weight.copy_(o["S.vit_model.patch_embed.proj.weight"])
+        side.patch_embed.bias.copy_(o["S.vit_model.patch_embed.proj.bias"])
+        side.pos_embed.copy_(o["S.vit_model.pos_embed"][0])
+        side.query_embed.copy_(o["S.query_embed"][0])
+        side.query_pos_embed.copy_(o["S.query_pos_embed"][0])
+        for i, block in enumerate(side.blocks):
+            for ours, theirs in ((block.norm1, "norm1"), (block.qkv, "attn.qkv"), (block.proj, "attn.proj"),
+                                 (block.norm2, "norm2"), (block.fc1, "mlp.fc1"), (block.fc2, "mlp.fc2")):
+                ours.weight.copy_(o[f"S.vit_model.blocks.{i}.{theirs}.weight"])
+                ours.bias.copy_(o[f"S.vit_model.blocks.{i}.{theirs}.bias"])
+        for j, fusion in enumerate(side.fusions):
+            for ours, n in ((fusion.norm, 0), (fusion.proj, 1)):
+                ours.weight.copy_(o[f"S.fusion_layers.layer_{j}.input_proj.{n}.weight"])
+                ours.bias.copy_(o[f"S.fusion_layers.layer_{j}.input_proj.{n}.bias"])
+        for name in ("query_mlp", "pix_mlp", "attn_mlp"):
+            linears = [m for m in getattr(side.decoder, name) if not isinstance(m, nn.ReLU)]
+            for n, layer in enumerate(linears):
+                layer.weight.copy_(o[f"S.mask_decoder.{name}.layers.{n}.weight"])
+                layer.bias.copy_(o[f"S.mask_decoder.{name}.layers.{n}.bias"])
+        side.decoder.bias_scaling.weight.copy_(o["S.mask_decoder.bias_scaling.weight"])
+        side.decoder.bias_scaling.bias.copy_(o["S.mask_decoder.bias_scaling.bias"])
+    return wrapper.eval()
+
+
+def test_san_conversion_places_every_tensor(tiny):
+    cfg, official, _ = tiny
+    state = san.convert_official_state_dict({"model": official, "iteration": 59999}, cfg)
+    converted = san.build_model(cfg, pretrained=False).eval()
+    converted.load_state_dict(state)
+    by_hand = place_by_hand(cfg, official)
+    for key, value in by_hand.state_dict().items():  # every tensor, then the outputs that use them
+        assert torch.equal(state[key], value), key
+    image, vocab = torch.rand(1, 3, 96, 80), ["red square", "blue circle", "grass"]
+    a, b = converted.net(image, vocab, (cfg.side_depth,)), by_hand.net(image, vocab, (cfg.side_depth,))
+    for key in ("pred_masks", "attn_bias", "pred_logits"):  # side adapter outputs, recognition logits
+        assert torch.allclose(a[key], b[key], atol=1e-6), key
+    assert a["pred_logits"].shape == (1, cfg.num_queries, len(vocab) + 1)
+
+
+def test_san_unknown_missing_and_misshaped_keys_are_listed(tiny):
+    cfg, official, _ = tiny
+    broken = dict(official)
+    broken["side_adapter_network.vit_model.cls_token"] = torch.zeros(1, 1, cfg.side_width)
+    del broken["side_adapter_network.mask_decoder.bias_scaling.bias"]
+    broken["ov_classifier.bg_embed"] = torch.zeros(1, 7)
+    with pytest.raises(ValueError) as e:
+        san.convert_official_state_dict(broken, cfg)
+    msg = str(e.value)
+    assert "1 unknown, 2 missing, 1 mis-shaped" in msg
+    assert "side_adapter_network.vit_model.cls_token" in msg and "net.side.decoder.bias_scaling.bias" in msg
+    assert "net.bg_embed" in msg
+
+
+def test_san_paper_key_list_and_parameter_counts(monkeypatch):
+    """The paper-size official key list maps one to one onto our paper preset, shape for shape; the trainable
+    parameters (side adapter, background embedding, CLIP's positional embedding) are the official log's 8.37M."""
+    create = open_clip.create_model
+    monkeypatch.setattr(open_clip, "create_model", lambda *a, **kw: create(*a, **kw, device="meta"))
+    for preset, heads, clip_width in (("paper", 12, 768), ("paper_l14", 16, 1024)):
+        cfg = san.PRESETS[preset]
+        with torch.device("meta"):  # shapes only: no memory, no time
+            wrapper = san.build_model(cfg, pretrained=False)
+        ours = wrapper.state_dict()
+        clip_shapes = {k[len("net.clip."):]: tuple(v.shape) for k, v in ours.items() if k.startswith("net.clip.")}
+        official = official_san_shapes(cfg, clip_shapes, heads, 171)
+        assert san.official_preset({"clip_visual_extractor.conv1.weight": torch.empty(clip_width, 0)}) == preset
+        mapped = {}
+        for key, shape in official.items():
+            if key in san.OFFICIAL_UNUSED:
+                continue
+            name = san.official_name_to_ours(key, cfg.clip_feature_layers[-1])
+            assert name in ours and ours[name].numel() == torch.Size(shape).numel(), (key, name)
+            mapped[name] = key
+        assert set(mapped) == set(ours)
+        trainable = sum(torch.Size(s).numel() for k, s in official.items()
+                        if k.startswith("side_adapter_network.") or k in (
+                            "ov_classifier.bg_embed", "clip_visual_extractor.positional_embedding"))
+        assert trainable == san.count_trainable(wrapper)
+        if preset == "paper":
+            assert round(trainable / 1e6, 2) == 8.37  # official training log of san_vit_b_16
+
+
+def test_convert_py_writes_a_checkpoint_that_eval_loads(tiny, monkeypatch):
+    cfg, official, tmp = tiny
+    src, dst = tmp / "san_tiny.pth", tmp / "out" / "ckpt.pt"
+    torch.save({"model": official, "iteration": 1}, src)
+    monkeypatch.setattr(san, "PRESETS", {**san.PRESETS, "tiny": cfg})
+    assert convert.convert("san", src, dst, preset="tiny") == "tiny"
+    with pytest.raises(FileExistsError):
+        convert.convert("san", src, dst, preset="tiny")
+    ckpt = torch.load(dst, map_location="cpu", weights_only=True)
+    assert ckpt["model_name"] == "san" and ckpt["config"]["clip_model"] == cfg.clip_model
+    wrapper = san.build_model(san.Config(**ckpt["config"]), pretrained=False)
+    wrapper.load_state_dict(ckpt["model"])
+    by_hand = place_by_hand(cfg, official)
+    image = {"image": torch.rand(1, 3, 64, 48)}
+    assert torch.allclose(wrapper.eval().predict(image, ["a", "b"]), by_hand.predict(image, ["a", "b"]), atol=1e-6)
+
+
+def test_san_test_protocol_resizes_the_short_side_and_back(tiny):
+    cfg, official, _ = tiny
+    resized = san.resize_short_side(torch.rand(1, 3, 480, 1000), 640, 2560)
+    assert resized.shape[-2:] == (640, 1333)  # detectron2: int(1000 * 640 / 480 + 0.5)
+    assert san.resize_short_side(torch.rand(1, 3, 100, 1000), 640, 2560).shape[-2:] == (256, 2560)  # long side cap
+    wrapper = place_by_hand(dataclasses.replace(cfg, test_short_side=96), official)
+    scores = wrapper.predict({"image": torch.rand(1, 3, 40, 60)}, ["a", "b"])
+    assert scores.shape == (1, 2, 40, 60)
