@@ -210,3 +210,14 @@ def test_san_test_protocol_resizes_the_short_side_and_back(tiny):
     wrapper = place_by_hand(dataclasses.replace(cfg, test_short_side=96), official)
     scores = wrapper.predict({"image": torch.rand(1, 3, 40, 60)}, ["a", "b"])
     assert scores.shape == (1, 2, 40, 60)
+
+
+def test_san_training_crops_are_padded_with_grey_128():
+    import data
+    assert san.PRESETS["paper"].pad_value == 128  # official MaskFormerSemanticDatasetMapper: F.pad(..., value=128)
+    image, label = torch.full((3, 30, 40), 200, dtype=torch.uint8), torch.ones(30, 40, dtype=torch.int64)
+    t = data.TrainTransform(crop_size=64, base_size=0, scale_range=(1.0, 1.0), pad_value=128)
+    out_image, out_label = t(image, label)
+    pad = out_label == data.IGNORE
+    assert pad.sum() == 64 * 64 - 30 * 40
+    assert torch.allclose(out_image[:, pad], torch.tensor(128 / 255)) and (out_image[:, ~pad] != 128 / 255).all()
