@@ -221,3 +221,183 @@ def test_san_training_crops_are_padded_with_grey_128():
     pad = out_label == data.IGNORE
     assert pad.sum() == 64 * 64 - 30 * 40
     assert torch.allclose(out_image[:, pad], torch.tensor(128 / 255)) and (out_image[:, ~pad] != 128 / 255).all()
+
+
+# ----------------------------------------------------------------------------------------------------------------------
+# ANN: a plain-PyTorch restatement of the official modules (MendelXu/ANN at f4eabeb), their names and their forward
+# ----------------------------------------------------------------------------------------------------------------------
+def bn_relu(c):  # ModuleHelper.BNReLU
+    return nn.Sequential(nn.BatchNorm2d(c), nn.ReLU())
+
+
+class OfficialBottleneck(nn.Module):  # models/backbones/resnet/resnet_models.py
+    def __init__(self, inplanes, planes, stride=1, downsample=None):
+        super().__init__()
+        self.conv1, self.bn1 = nn.Conv2d(inplanes, planes, 1, bias=False), nn.BatchNorm2d(planes)
+        self.conv2, self.bn2 = nn.Conv2d(planes, planes, 3, stride, 1, bias=False), nn.BatchNorm2d(planes)
+        self.conv3, self.bn3 = nn.Conv2d(planes, planes * 4, 1, bias=False), nn.BatchNorm2d(planes * 4)
+        self.downsample = downsample
+
+    def forward(self, x):
+        out = F.relu(self.bn1(self.conv1(x)))
+        out = F.relu(self.bn2(self.conv2(out)))
+        out = self.bn3(self.conv3(out))
+        return F.relu(out + (x if self.downsample is None else self.downsample(x)))
+
+
+def nostride_dilate(m, dilate):  # DilatedResnetBackbone._nostride_dilate
+    if isinstance(m, nn.Conv2d):
+        if m.stride == (2, 2):
+            m.stride = (1, 1)
+            if m.kernel_size == (3, 3):
+                m.dilation, m.padding = (dilate // 2,) * 2, (dilate // 2,) * 2
+        elif m.kernel_size == (3, 3):
+            m.dilation, m.padding = (dilate,) * 2, (dilate,) * 2
+
+
+class OfficialDilatedDeepbaseResNet101(nn.Module):  # deepbase_resnet101_dilated8, multi_grid (1, 1, 1)
+    def __init__(self):
+        super().__init__()
+        from collections import OrderedDict
+        self.prefix = nn.Sequential(OrderedDict([
+            ("conv1", nn.Conv2d(3, 64, 3, 2, 1, bias=False)), ("bn1", nn.BatchNorm2d(64)), ("relu1", nn.ReLU()),
+            ("conv2", nn.Conv2d(64, 64, 3, 1, 1, bias=False)), ("bn2", nn.BatchNorm2d(64)), ("relu2", nn.ReLU()),
+            ("conv3", nn.Conv2d(64, 128, 3, 1, 1, bias=False)), ("bn3", nn.BatchNorm2d(128)), ("relu3", nn.ReLU())]))
+        self.maxpool = nn.MaxPool2d(3, 2, 1, ceil_mode=True)
+        self.inplanes = 128
+        self.layer1, self.layer2 = self.make_layer(64, 3), self.make_layer(128, 4, 2)
+        self.layer3, self.layer4 = self.make_layer(256, 23, 2), self.make_layer(512, 3, 2)
+        self.layer3.apply(lambda m: nostride_dilate(m, 2))
+        for block in self.layer4:
+            block.apply(lambda m: nostride_dilate(m, 4))
+
+    def make_layer(self, planes, blocks, stride=1):
+        down = None
+        if stride != 1 or self.inplanes != planes * 4:
+            down = nn.Sequential(nn.Conv2d(self.inplanes, planes * 4, 1, stride, bias=False), nn.BatchNorm2d(planes * 4))
+        layers = [OfficialBottleneck(self.inplanes, planes, stride, down)]
+        self.inplanes = planes * 4
+        return nn.Sequential(*layers, *[OfficialBottleneck(self.inplanes, planes) for _ in range(1, blocks)])
+
+    def forward(self, x):
+        x = self.layer2(self.layer1(self.maxpool(self.prefix(x))))
+        res4 = self.layer3(x)
+        return res4, self.layer4(res4)
+
+
+class OfficialAttention(nn.Module):  # afnb/apnb _SelfAttentionBlock with PSPModule (1, 3, 6, 8)
+    def __init__(self, low, high, key, value, out, shared):
+        super().__init__()
+        self.kc, self.vc = key, value
+        self.f_key = nn.Sequential(nn.Conv2d(low, key, 1), bn_relu(key))
+        self.f_query = self.f_key if shared else nn.Sequential(nn.Conv2d(high, key, 1), bn_relu(key))
+        self.f_value, self.W = nn.Conv2d(low, value, 1), nn.Conv2d(value, out, 1)
+
+    def forward(self, low, high):
+        n, _, h, w = high.shape
+        psp = lambda x: torch.cat([F.adaptive_avg_pool2d(x, s).view(n, x.shape[1], -1) for s in (1, 3, 6, 8)], -1)
+        value = psp(self.f_value(low)).permute(0, 2, 1)
+        query = self.f_query(high).view(n, self.kc, -1).permute(0, 2, 1)
+        sim = F.softmax(self.kc ** -0.5 * torch.matmul(query, psp(self.f_key(low))), dim=-1)
+        context = torch.matmul(sim, value).permute(0, 2, 1).contiguous().view(n, self.vc, h, w)
+        return self.W(context)
+
+
+class OfficialAFNB(nn.Module):
+    def __init__(self):
+        super().__init__()
+        self.stages = nn.ModuleList([OfficialAttention(1024, 2048, 256, 256, 2048, shared=False)])
+        self.conv_bn_dropout = nn.Sequential(nn.Conv2d(4096, 2048, 1), nn.BatchNorm2d(2048), nn.Dropout2d(0.05))
+
+    def forward(self, low, high):
+        return self.conv_bn_dropout(torch.cat([self.stages[0](low, high), high], 1))
+
+
+class OfficialAPNB(nn.Module):
+    def __init__(self):
+        super().__init__()
+        self.stages = nn.ModuleList([OfficialAttention(512, 512, 256, 256, 512, shared=True)])
+        self.conv_bn_dropout = nn.Sequential(nn.Conv2d(1024, 512, 1), bn_relu(512), nn.Dropout2d(0.05))
+
+    def forward(self, x):
+        return self.conv_bn_dropout(torch.cat([self.stages[0](x, x), x], 1))
+
+
+class OfficialANN(nn.Module):  # models/seg/nets/annn.py asymmetric_non_local_network
+    def __init__(self, num_classes=19):
+        super().__init__()
+        self.backbone, self.fusion = OfficialDilatedDeepbaseResNet101(), OfficialAFNB()
+        self.context = nn.Sequential(nn.Conv2d(2048, 512, 3, 1, 1), bn_relu(512), OfficialAPNB())
+        self.cls = nn.Conv2d(512, num_classes, 1)
+        self.dsn = nn.Sequential(nn.Conv2d(1024, 512, 3, 1, 1), bn_relu(512), nn.Dropout2d(0.05),
+                                 nn.Conv2d(512, num_classes, 1))
+
+    def forward(self, x_):  # x_: BGR 0-255 minus the mean
+        res4, res5 = self.backbone(x_)
+        aux = F.interpolate(self.dsn(res4), x_.shape[2:], mode="bilinear", align_corners=True)
+        x = F.interpolate(self.cls(self.context(self.fusion(res4, res5))), x_.shape[2:], mode="bilinear",
+                          align_corners=True)
+        return aux, x
+
+
+@pytest.fixture(scope="module")
+def official_ann():
+    torch.manual_seed(0)
+    net = OfficialANN().eval()
+    with torch.no_grad():  # random BN statistics and a non-zero W, so that every tensor matters
+        for m in net.modules():
+            if isinstance(m, nn.BatchNorm2d):
+                m.running_mean.uniform_(-0.1, 0.1), m.running_var.uniform_(0.5, 1.5)
+                m.weight.uniform_(0.5, 1.5), m.bias.uniform_(-0.1, 0.1)
+            elif isinstance(m, nn.Conv2d):
+                m.weight.mul_(0.5 if m.kernel_size == (1, 1) else 1.0)
+        for stage in (net.fusion.stages[0], net.context[2].stages[0]):
+            nn.init.normal_(stage.W.weight, std=0.01), nn.init.normal_(stage.W.bias, std=0.01)
+    return net
+
+
+def test_ann_released_model_converts_and_matches_the_official_forward(official_ann, tmp_path):
+    state = {f"module.{k}": v for k, v in official_ann.state_dict().items()}  # saved from DataParallel
+    assert "module.context.2.stages.0.f_query.1.0.running_var" in state  # the shared module is saved twice
+    src, dst = tmp_path / "fs_annn_cityscapes_segohem_latest.pth", tmp_path / "ann" / "ckpt.pt"
+    torch.save({"state_dict": state, "config_dict": {}}, src)
+    assert convert.convert("ann", src, dst) == "paper_deepstem"  # preset told from the deep stem
+    ckpt = torch.load(dst, map_location="cpu", weights_only=True)
+    import ann
+    cfg = ann.Config(**ckpt["config"])
+    ours = ann.build_model(cfg, pretrained=False).eval()
+    ours.load_state_dict(ckpt["model"])
+    n_official = sum(p.numel() for p in official_ann.parameters())  # parameters() counts the shared f_key once
+    assert n_official == sum(p.numel() for p in ours.parameters())
+    rgb = torch.rand(1, 3, 47, 61)  # odd sizes: the ceil-mode max-pool matters
+    bgr = rgb.flip(1) * 255 - torch.tensor(ann.CAFFE_BGR_MEAN).view(1, 3, 1, 1)
+    with torch.no_grad():
+        aux_official, main_official = official_ann(bgr)
+        main, aux = ours.logits(rgb)
+    assert torch.allclose(main, main_official, atol=1e-4, rtol=1e-4)
+    assert torch.allclose(aux, aux_official, atol=1e-4, rtol=1e-4)
+
+
+def test_ann_bad_keys_are_listed(official_ann):
+    import ann
+    state = dict(official_ann.state_dict())
+    state["context.2.stages.0.f_query.0.weight"] = state["context.2.stages.0.f_query.0.weight"] + 1  # not shared
+    del state["cls.bias"]
+    state["head.weight"] = torch.zeros(1)
+    with pytest.raises(ValueError) as e:
+        ann.convert_official_state_dict(state, ann.PRESETS["paper_deepstem"])
+    msg = str(e.value)
+    assert "2 unknown, 1 missing" in msg and "head.weight" in msg and "net.classifier.bias" in msg
+    assert "f_query.0.weight (differs from its f_key twin)" in msg
+
+
+def test_ann_deepstem_imagenet_weights_load_from_a_local_file(official_ann, tmp_path):
+    """CSAIL's 3x3resnet101-imagenet.pth layout: the official loader puts conv1..3/bn1..3 under `prefix.`."""
+    import ann
+    imagenet = {k.removeprefix("prefix."): v for k, v in official_ann.backbone.state_dict().items()}
+    imagenet.update({"fc.weight": torch.zeros(1000, 2048), "fc.bias": torch.zeros(1000)})
+    torch.save(imagenet, tmp_path / "3x3resnet101-imagenet.pth")
+    backbone = ann.Backbone("deepbase_resnet101", str(tmp_path / "3x3resnet101-imagenet.pth"))
+    ours = backbone.state_dict()
+    for key, value in official_ann.backbone.state_dict().items():
+        assert torch.equal(ours[key.replace("prefix.", "stem.")], value), key
