@@ -466,6 +466,11 @@ OFFICIAL_KEYS = (
 OFFICIAL_SHARED = (r"context\.2\.stages\.0\.f_query\.(.+)", r"context.2.stages.0.f_key.\1")
 
 
+def listing(keys, n=20):
+    """The first n keys and how many more, for error messages."""
+    return str(keys[:n]) + (f" and {len(keys) - n} more" if len(keys) > n else "")
+
+
 def official_name_to_ours(key):
     """One official key -> our key, or None if no rule of OFFICIAL_KEYS matches it."""
     for pattern, target in OFFICIAL_KEYS:
@@ -513,8 +518,8 @@ def convert_official_state_dict(official, cfg):
     missing = sorted(set(ours) - set(out))
     if unknown or missing or mismatched:
         raise ValueError(f"the checkpoint does not fit ANN with this config ({len(unknown)} unknown, {len(missing)} "
-                         f"missing, {len(mismatched)} mis-shaped keys): unknown {unknown}, missing {missing}, "
-                         f"mis-shaped {mismatched}")
+                         f"missing, {len(mismatched)} mis-shaped keys): unknown {listing(unknown)}, missing "
+                         f"{listing(missing)}, mis-shaped {listing(mismatched)}")
     return out
 
 

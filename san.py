@@ -690,6 +690,11 @@ OFFICIAL_UNUSED = ("criterion.empty_weight",  # the no-object CE weight, a buffe
                    "ov_classifier.attn_mask")  # the text encoder's causal mask, a constant (saved by some open_clip)
 
 
+def listing(keys, n=20):
+    """The first n keys and how many more, for error messages."""
+    return str(keys[:n]) + (f" and {len(keys) - n} more" if len(keys) > n else "")
+
+
 def official_name_to_ours(key, k):
     """One official key -> our key, or None if no rule of OFFICIAL_KEYS matches it."""
     for pattern, target in OFFICIAL_KEYS:
@@ -732,8 +737,8 @@ def convert_official_state_dict(official, cfg):
     missing = sorted(set(ours) - set(out))
     if unknown or missing or mismatched:
         raise ValueError(f"the checkpoint does not fit SAN with this config ({len(unknown)} unknown, {len(missing)} "
-                         f"missing, {len(mismatched)} mis-shaped keys): unknown {unknown}, missing {missing}, "
-                         f"mis-shaped {mismatched}")
+                         f"missing, {len(mismatched)} mis-shaped keys): unknown {listing(unknown)}, missing "
+                         f"{listing(missing)}, mis-shaped {listing(mismatched)}")
     wrapper.load_state_dict(out)  # strict: a last check
     return out
 

@@ -60,6 +60,8 @@ def official_san_shapes(cfg, clip_shapes, heads, num_classes):
             shapes["clip_visual_extractor." + key[len("visual."):]] = shape
         else:
             shapes["ov_classifier." + key] = shape
+    ctx = clip_shapes["positional_embedding"][0]  # the classifier re-registers CLIP's buffers as persistent ones
+    shapes["ov_classifier.attn_mask"] = (ctx, ctx)
     shapes["ov_classifier.bg_embed"] = (1, clip_shapes["text_projection"][1])
     shapes["criterion.empty_weight"] = (num_classes + 1,)
     return shapes
@@ -200,6 +202,11 @@ def test_convert_py_writes_a_checkpoint_that_eval_loads(tiny, monkeypatch):
     by_hand = place_by_hand(cfg, official)
     image = {"image": torch.rand(1, 3, 64, 48)}
     assert torch.allclose(wrapper.eval().predict(image, ["a", "b"]), by_hand.predict(image, ["a", "b"]), atol=1e-6)
+    import eval as evaluation  # and eval.py segments a photo with it, with any vocabulary
+    from PIL import Image
+    Image.fromarray((torch.rand(40, 56, 3) * 255).byte().numpy()).save(tmp / "photo.png")
+    evaluation.main(["--ckpt", str(dst), "--image", str(tmp / "photo.png"), "--vocab", "cat, grass", "--out", str(tmp)])
+    assert (tmp / "photo_overlay.png").is_file() and (tmp / "photo_proposals.png").is_file()
 
 
 def test_san_test_protocol_resizes_the_short_side_and_back(tiny):
