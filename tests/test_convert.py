@@ -100,7 +100,7 @@ def place_by_hand(cfg, official):
             clip[f"visual.transformer.resblocks.{int(i) + k}.{rest}"] = v
         elif key.startswith("clip_rec_head."):
             clip["visual." + key[len("clip_rec_head."):]] = v
-        elif key.startswith("ov_classifier.") and key != "ov_classifier.bg_embed":
+        elif key.startswith("ov_classifier.") and key not in ("ov_classifier.bg_embed", "ov_classifier.attn_mask"):
             clip[key[len("ov_classifier."):]] = v
     net.clip.load_state_dict(clip)
     with torch.no_grad():
