@@ -13,6 +13,7 @@ import argparse
 import dataclasses
 import importlib
 import os
+import pickle
 import sys
 from pathlib import Path
 
@@ -28,9 +29,12 @@ def convert(model_name, src, dst, preset=None, force=False):
         raise FileExistsError(f"{dst} exists; pass --force to overwrite it")
     if not Path(src).is_file():
         raise FileNotFoundError(f"no official checkpoint at {src}")
-    # weights_only=False: the official files were pickled by their frameworks (detectron2 stores numpy arrays and
-    # iteration counters next to the weights). Only convert files from the authors' release pages.
-    official = torch.load(src, map_location="cpu", weights_only=False)
+    try:
+        official = torch.load(src, map_location="cpu", weights_only=True)
+    except pickle.UnpicklingError:  # the frameworks pickled numpy objects beside the weights (ANN's runner_state)
+        print(f"note: {src} holds more than tensors; loading it in full (only convert files from the authors' "
+              "release pages)")
+        official = torch.load(src, map_location="cpu", weights_only=False)
     preset = preset or module.official_preset(module.official_weights(official))
     if preset not in module.PRESETS:
         raise ValueError(f"cannot tell which {model_name} preset {src} is; pass --preset (one of "

@@ -9,6 +9,7 @@ import dataclasses
 import json
 import re
 
+import numpy as np
 import open_clip
 import pytest
 import torch
@@ -185,6 +186,7 @@ def test_san_paper_key_list_and_parameter_counts(monkeypatch):
         assert trainable == san.count_trainable(wrapper)
         if preset == "paper":
             assert round(trainable / 1e6, 2) == 8.37  # official training log of san_vit_b_16
+            assert len(official) == 442  # the keys of the released san_vit_b_16.pth (papers file)
 
 
 def test_convert_py_writes_a_checkpoint_that_eval_loads(tiny, monkeypatch):
@@ -367,7 +369,7 @@ def test_ann_released_model_converts_and_matches_the_official_forward(official_a
     state = {f"module.{k}": v for k, v in official_ann.state_dict().items()}  # saved from DataParallel
     assert "module.context.2.stages.0.f_query.1.0.running_var" in state  # the shared module is saved twice
     src, dst = tmp_path / "fs_annn_cityscapes_segohem_latest.pth", tmp_path / "ann" / "ckpt.pt"
-    torch.save({"state_dict": state, "config_dict": {}}, src)
+    torch.save({"state_dict": state, "config_dict": {}, "runner_state": {"performance": np.float64(0.799)}}, src)
     assert convert.convert("ann", src, dst) == "paper_deepstem"  # preset told from the deep stem
     ckpt = torch.load(dst, map_location="cpu", weights_only=True)
     import ann
