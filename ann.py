@@ -24,6 +24,7 @@ File map (section -> paper):
   ANNNet ..................... "Network Architecture": backbone -> AFNB -> 3x3 conv -> APNB -> classifier, aux head
   ohem_cross_entropy ......... the official loss (fs_auxohemce_loss): OHEM CE on the main output + 0.4 x CE on aux
   ANN (wrapper) .............. normalisation, training step, predict
+  OFFICIAL_KEYS, convert_... . the released Cityscapes model (79.9 mIoU val) -> our weights (deepbase_resnet101)
 
 Differences from the official code:
   1. Backbone: torchvision's ResNet with its 7x7 stem by default; the official deep 3-conv stem ("deepbase", CSAIL

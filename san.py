@@ -20,7 +20,9 @@ File map (section -> paper):
   encode_vocabulary, SAN.classifier ...... Sec. 3/4: open-vocabulary classifier, ViLD prompts, learnable background
   SAN .................................... the whole network (the paper's overview figure)
   HungarianMatcher, SetCriterion ......... Sec. 4 / Mask2Former: set prediction losses on sampled points
-  SANWrapper ............................. training step, semantic inference (sum over queries), proposals for plots
+  SANWrapper ............................. training step, semantic inference (sum over queries), proposals for plots;
+                                           the official test resize (short side 640) in the paper presets
+  OFFICIAL_KEYS, convert_official_... .... the released san_vit_b_16.pth / san_vit_large_14.pth -> our weights
 
 Details of the official code that the paper does not state (kept here): CLIP's positional embedding is trainable;
 [SOS] tokens are blocked (-100, not -inf) from [CLS] and from each other; one bias per head serves all recognition

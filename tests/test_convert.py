@@ -283,7 +283,8 @@ class OfficialDilatedDeepbaseResNet101(nn.Module):  # deepbase_resnet101_dilated
     def make_layer(self, planes, blocks, stride=1):
         down = None
         if stride != 1 or self.inplanes != planes * 4:
-            down = nn.Sequential(nn.Conv2d(self.inplanes, planes * 4, 1, stride, bias=False), nn.BatchNorm2d(planes * 4))
+            down = nn.Sequential(nn.Conv2d(self.inplanes, planes * 4, 1, stride, bias=False),
+                                 nn.BatchNorm2d(planes * 4))
         layers = [OfficialBottleneck(self.inplanes, planes, stride, down)]
         self.inplanes = planes * 4
         return nn.Sequential(*layers, *[OfficialBottleneck(self.inplanes, planes) for _ in range(1, blocks)])
