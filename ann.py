@@ -33,7 +33,7 @@ Differences from the official code:
      the dilation).
   2. Plain BatchNorm (the official uses sync BN); train.py converts it under DDP when Config.sync_bn is true.
   3. Input normalisation: torchvision's ImageNet RGB mean/std on [0,1] images, as torchvision's weights expect (the
-     official subtracts a BGR mean on 0-255 with std 1, for its own deep-stem weights).
+     official subtracts a BGR mean on 0-255 with std 1, for its own deep-stem weights: input_norm="caffe").
   4. APNB applies its shared query/key projection once and reuses it (the official runs the same conv twice:
      identical result, one 1x1 conv fewer, 17 of the official 69 conv GMACs at 128x256).
   5. Evaluation: whole-image single-scale inference only, the official Cityscapes val protocol (test mode "ss_test":
@@ -220,8 +220,8 @@ class Backbone(nn.Module):
             net.conv1, net.bn1 = nn.Conv2d(3, 64, 3, 2, 1, bias=False), nn.BatchNorm2d(64)
             net.conv2, net.bn2 = nn.Conv2d(64, 64, 3, 1, 1, bias=False), nn.BatchNorm2d(64)
             net.conv3, net.bn3 = nn.Conv2d(64, 128, 3, 1, 1, bias=False), nn.BatchNorm2d(128)
-            net.layer1[0].conv1, net.layer1[0].downsample[0] = nn.Conv2d(128, 64, 1, bias=False), nn.Conv2d(
-                128, 256, 1, bias=False)
+            net.layer1[0].conv1 = nn.Conv2d(128, 64, 1, bias=False)
+            net.layer1[0].downsample[0] = nn.Conv2d(128, 256, 1, bias=False)
         if weights:
             load_imagenet_weights(net, weights)
         if deep:
@@ -390,8 +390,7 @@ class ANN(nn.Module):
         # input for the deep-stem weights: BGR on 0-255 minus [102.98, 115.95, 122.77], std 1.
         if cfg.input_norm not in ("imagenet", "caffe"):
             raise ValueError(f"input_norm must be imagenet or caffe, got {cfg.input_norm!r}")
-        caffe = cfg.input_norm == "caffe"
-        self.bgr = caffe
+        self.bgr = caffe = cfg.input_norm == "caffe"
         mean, std = (tuple(m / 255 for m in CAFFE_BGR_MEAN), (1 / 255,) * 3) if caffe else (IMAGENET_MEAN, IMAGENET_STD)
         self.register_buffer("mean", torch.tensor(mean).view(1, 3, 1, 1), persistent=False)
         self.register_buffer("std", torch.tensor(std).view(1, 3, 1, 1), persistent=False)

@@ -80,6 +80,9 @@ class Config:
     crop_size: int = 640  # training crop
     base_size: int = 640  # short side before random scaling
     scale_range: tuple = (0.5, 1.5)  # random rescale of base_size (official: short side in {320, 384, ..., 960})
+    test_short_side: int = 0  # inference: resize the short side to this first, 0 = native size (paper: 640)
+    test_max_size: int = 2560  # inference: ... with the long side at most this (detectron2's ResizeShortestEdge)
+    pad_value: int = 128  # training crops smaller than crop_size are padded with this grey, 0-255 (official mapper)
     # CLIP
     clip_model: str = "ViT-B-16"  # open_clip model name, or the path of an open_clip model-config JSON
     clip_pretrained: str = "openai"  # open_clip pretrained tag or a local weights file
@@ -97,9 +100,6 @@ class Config:
     deep_supervision: tuple = (7, 8)  # side blocks decoded in training (the last one is the prediction)
     decoder_dim: int = 256  # MLP decoder width and embedding dim
     size_divisibility: int = 32  # inputs are zero-padded (after normalisation) to a multiple of this
-    test_short_side: int = 0  # inference: resize the short side to this first, 0 = native size (paper: 640)
-    test_max_size: int = 2560  # inference: ... with the long side at most this (detectron2's ResizeShortestEdge)
-    pad_value: int = 128  # training crops smaller than crop_size are padded with this grey, 0-255 (official mapper)
     # losses (Mask2Former)
     class_weight: float = 2.0  # CE weight, also the matching cost of the class
     mask_weight: float = 5.0  # point-BCE weight and matching cost
@@ -689,7 +689,7 @@ OFFICIAL_KEYS = (
     (r"ov_classifier\.(.+)", r"net.clip.\1"),
 )
 OFFICIAL_UNUSED = ("criterion.empty_weight",  # the no-object CE weight, a buffer made from cfg.no_object_weight
-                   "ov_classifier.attn_mask")  # the text encoder's causal mask, a constant (saved by some open_clip)
+                   "ov_classifier.attn_mask")  # the text encoder's causal mask, a constant the classifier re-saves
 
 
 def listing(keys, n=20):
