@@ -24,16 +24,20 @@ File map (section -> paper):
   ANNNet ..................... "Network Architecture": backbone -> AFNB -> 3x3 conv -> APNB -> classifier, aux head
   ohem_cross_entropy ......... the official loss (fs_auxohemce_loss): OHEM CE on the main output + 0.4 x CE on aux
   ANN (wrapper) .............. normalisation, training step, predict
+  OFFICIAL_KEYS, convert_... . the released Cityscapes model (79.9 mIoU val) -> our weights (deepbase_resnet101)
 
 Differences from the official code:
-  1. Backbone: torchvision's ResNet with its 7x7 stem; the official uses a deep 3-conv stem ("deepbase", CSAIL
-     3x3resnet101-imagenet.pth). Dilation layout is the same (first block of res4/res5 at half the dilation).
+  1. Backbone: torchvision's ResNet with its 7x7 stem by default; the official deep 3-conv stem ("deepbase", CSAIL
+     3x3resnet101-imagenet.pth) is backbone="deepbase_resnet101" (preset paper_deepstem, which also loads the released
+     Cityscapes model: convert_official_state_dict). Dilation layout is the same (first block of res4/res5 at half
+     the dilation).
   2. Plain BatchNorm (the official uses sync BN); train.py converts it under DDP when Config.sync_bn is true.
   3. Input normalisation: torchvision's ImageNet RGB mean/std on [0,1] images, as torchvision's weights expect (the
-     official subtracts a BGR mean on 0-255 with std 1, for its own deep-stem weights).
+     official subtracts a BGR mean on 0-255 with std 1, for its own deep-stem weights: input_norm="caffe").
   4. APNB applies its shared query/key projection once and reuses it (the official runs the same conv twice:
      identical result, one 1x1 conv fewer, 17 of the official 69 conv GMACs at 128x256).
-  5. Evaluation: whole-image single-scale inference only (the Cityscapes val protocol); no multi-scale/flip testing.
+  5. Evaluation: whole-image single-scale inference only, the official Cityscapes val protocol (test mode "ss_test":
+     the 2048x1024 frame in one pass); no multi-scale/flip testing.
   6. context="nl" / "none" are our ablations: the same blocks without pyramid sampling / no context blocks at all.
   7. The toy preset is ours: a 4-stage, output-stride-8 bottleneck backbone with a small receptive field, AdamW.
 
@@ -41,6 +45,8 @@ Shapes: B batch, K classes, H x W image, h x w = H/8 x W/8 feature grid, N = h*w
 (110 with pyramid sampling, N without), C_k key/query channels, C_v value channels. Labels: 255 = ignore.
 """
 import os
+import re
+from collections import OrderedDict
 from dataclasses import dataclass, replace
 
 import torch
@@ -51,6 +57,7 @@ import torchvision
 TASK = "semseg"
 IGNORE = 255  # label value that the losses skip
 IMAGENET_MEAN, IMAGENET_STD = (0.485, 0.456, 0.406), (0.229, 0.224, 0.225)  # torchvision's, RGB on [0, 1]
+CAFFE_BGR_MEAN = (102.9801, 115.9465, 122.7717)  # the official input: BGR on 0-255 minus this, std 1 (hypes json)
 
 
 # ----------------------------------------------------------------------------------------------------------------------
@@ -68,8 +75,9 @@ class Config:
     scale_range: tuple = (0.5, 2.0)  # random rescale range in training
     aspect_range: tuple = (0.9, 1.1)  # random aspect-ratio jitter in training
     # model
-    backbone: str = "resnet101"  # resnet101 | resnet50 | toy: dilated ResNet, output stride 8
+    backbone: str = "resnet101"  # resnet101 | resnet50 | deepbase_resnet101 (official deep stem) | toy; stride 8
     pretrained_backbone: str = "ResNet101_Weights.IMAGENET1K_V1"  # torchvision weights name, local .pth, or "" (toy)
+    input_norm: str = "imagenet"  # imagenet: RGB [0,1], torchvision mean/std | caffe: BGR 0-255 minus a mean (official)
     context: str = "apnb"  # apnb: AFNB+APNB (paper) | nl: plain non-local blocks in their place | none: no context
     key_channels: int = 256  # query/key channels C_k of both blocks
     value_channels: int = 256  # value channels C_v of both blocks
@@ -110,6 +118,10 @@ PRESETS = {
     # Cityscapes, ResNet-101: crop 769, batch 8, SGD 0.01, wd 5e-4, poly 0.9, 60k its (script; the json says 40k),
     # OHEM + 0.4 aux, and the official json's 19 per-class CE weights (road ... bicycle).
     "paper": replace(Config(), class_weights=CITYSCAPES_CLASS_WEIGHTS),
+    # The official network: deep-stem ResNet-101 with its ImageNet weights (CSAIL's 3x3resnet101-imagenet.pth, from the
+    # official README's Google Drive link) and the official BGR input; the released Cityscapes model loads into it.
+    "paper_deepstem": replace(Config(), class_weights=CITYSCAPES_CLASS_WEIGHTS, backbone="deepbase_resnet101",
+                              pretrained_backbone="pretrained_models/3x3resnet101-imagenet.pth", input_norm="caffe"),
     # ADE20K: the official json is stale (model deeplabv3, no loss weights); 0.02 / 150k / crop 520 / batch 16 is the
     # intended recipe read from its json and script, lr 0.02 not cross-checked against the paper.
     "ade20k": replace(Config(), train_dataset="ade20k_150", eval_datasets=("ade20k_150",), num_classes=150,
@@ -181,6 +193,10 @@ class Backbone(nn.Module):
     dilation 4), C4 = 1024, C5 = 2048. It has torchvision's 7x7 stem, not the official deep 3-conv stem ("deepbase"),
     and plain BatchNorm (the official uses sync BN; nn.SyncBatchNorm.convert_sync_batchnorm works on this module).
 
+    deepbase_resnet101: the official backbone: the same ResNet-101 with a deep stem (3x3 convs 3 -> 64 -> 64 -> 128, the
+    first with stride 2, each with BN and ReLU) and a ceil-mode max-pool, so res2 takes 128 channels. Its ImageNet
+    weights (CSAIL's 3x3resnet101-imagenet.pth) use torchvision's key names (conv1..3, bn1..3, layer1..4, fc).
+
     toy: the same four stages and stride 8 with one small bottleneck each, C4 = 64, C5 = 128, and NO dilation so that
     its receptive field stays well inside the 128 px toy image: each 3x3 conv adds 2 * (input stride) px, so
     stem 3, res2 (/4) 7, res3 (/8) 15, res4 31, res5 47 px; the head's 3x3 conv makes it 63 px for the logits (71 with
@@ -195,12 +211,25 @@ class Backbone(nn.Module):
             self.layer3, self.layer4 = ToyBottleneck(64, 64), ToyBottleneck(64, 128)
             self.channels = (64, 128)
             return
-        if name not in ("resnet50", "resnet101"):
-            raise ValueError(f"backbone must be resnet101, resnet50 or toy, got {name!r}")
-        net = getattr(torchvision.models, name)(weights=None, replace_stride_with_dilation=[False, True, True])
+        if name not in ("resnet50", "resnet101", "deepbase_resnet101"):
+            raise ValueError(f"backbone must be resnet101, resnet50, deepbase_resnet101 or toy, got {name!r}")
+        deep = name.startswith("deepbase_")
+        net = getattr(torchvision.models, name.removeprefix("deepbase_"))(
+            weights=None, replace_stride_with_dilation=[False, True, True])
+        if deep:  # the deep stem replaces conv1/bn1, adds conv2/bn2, conv3/bn3; res2's first block takes 128 channels
+            net.conv1, net.bn1 = nn.Conv2d(3, 64, 3, 2, 1, bias=False), nn.BatchNorm2d(64)
+            net.conv2, net.bn2 = nn.Conv2d(64, 64, 3, 1, 1, bias=False), nn.BatchNorm2d(64)
+            net.conv3, net.bn3 = nn.Conv2d(64, 128, 3, 1, 1, bias=False), nn.BatchNorm2d(128)
+            net.layer1[0].conv1 = nn.Conv2d(128, 64, 1, bias=False)
+            net.layer1[0].downsample[0] = nn.Conv2d(128, 256, 1, bias=False)
         if weights:
             load_imagenet_weights(net, weights)
-        self.stem = nn.Sequential(net.conv1, net.bn1, net.relu, net.maxpool)  # (B, 64, H/4, W/4)
+        if deep:
+            self.stem = nn.Sequential(OrderedDict(  # (B, 128, H/4, W/4)
+                conv1=net.conv1, bn1=net.bn1, relu1=nn.ReLU(), conv2=net.conv2, bn2=net.bn2, relu2=nn.ReLU(),
+                conv3=net.conv3, bn3=net.bn3, relu3=nn.ReLU(), maxpool=nn.MaxPool2d(3, 2, 1, ceil_mode=True)))
+        else:
+            self.stem = nn.Sequential(net.conv1, net.bn1, net.relu, net.maxpool)  # (B, 64, H/4, W/4)
         self.layer1, self.layer2, self.layer3, self.layer4 = net.layer1, net.layer2, net.layer3, net.layer4
         self.channels = (1024, 2048)
 
@@ -357,17 +386,22 @@ class ANN(nn.Module):
     def __init__(self, cfg, net):
         super().__init__()
         self.cfg, self.net = cfg, net
-        # torchvision's ImageNet statistics (RGB, [0, 1]) because the weights are torchvision's; the official code
-        # subtracts the BGR mean [102.98, 115.95, 122.77] on 0-255 with std 1, for its own deep-stem weights.
-        self.register_buffer("mean", torch.tensor(IMAGENET_MEAN).view(1, 3, 1, 1), persistent=False)
-        self.register_buffer("std", torch.tensor(IMAGENET_STD).view(1, 3, 1, 1), persistent=False)
+        # torchvision's ImageNet statistics (RGB, [0, 1]) for torchvision's weights; input_norm="caffe" is the official
+        # input for the deep-stem weights: BGR on 0-255 minus [102.98, 115.95, 122.77], std 1.
+        if cfg.input_norm not in ("imagenet", "caffe"):
+            raise ValueError(f"input_norm must be imagenet or caffe, got {cfg.input_norm!r}")
+        self.bgr = caffe = cfg.input_norm == "caffe"
+        mean, std = (tuple(m / 255 for m in CAFFE_BGR_MEAN), (1 / 255,) * 3) if caffe else (IMAGENET_MEAN, IMAGENET_STD)
+        self.register_buffer("mean", torch.tensor(mean).view(1, 3, 1, 1), persistent=False)
+        self.register_buffer("std", torch.tensor(std).view(1, 3, 1, 1), persistent=False)
         weights = torch.tensor([float(w) for w in cfg.class_weights]) if cfg.class_weights else None
         if weights is not None and len(weights) != cfg.num_classes:
             raise ValueError(f"class_weights has {len(weights)} values for {cfg.num_classes} classes")
         self.register_buffer("class_weights", weights, persistent=False)
 
     def logits(self, image):
-        """(B, 3, H, W) in [0, 1] -> main, aux logits (B, K, H, W)."""
+        """(B, 3, H, W) RGB in [0, 1] -> main, aux logits (B, K, H, W)."""
+        image = image.flip(1) if self.bgr else image  # RGB -> BGR for the official weights
         return self.net((image - self.mean) / self.std)
 
     def forward(self, batch, step):
@@ -399,6 +433,94 @@ def build_model(cfg, pretrained=True):
         raise ValueError(f"backbone {cfg.backbone} needs ImageNet weights: set --pretrained_backbone to a "
                            "torchvision weights name (e.g. ResNet101_Weights.IMAGENET1K_V1) or a local .pth file")
     return ANN(cfg, ANNNet(cfg, pretrained))
+
+
+# ----------------------------------------------------------------------------------------------------------------------
+# Released checkpoint: MendelXu/ANN's Cityscapes model (fs_annn_cityscapes_segohem_latest.pth, 79.9 mIoU val, ss)
+# ----------------------------------------------------------------------------------------------------------------------
+# (official key regex, our key), read from MendelXu/ANN models/seg/nets/annn.py, seg/utils/{afnb,apnb}.py and
+# backbones/resnet/*. Official names: fusion = AFNB, context = [3x3 conv, BNReLU, APNB], cls, dsn = the aux head;
+# each block keeps its one attention in stages.0, and ModuleHelper.BNReLU is Sequential(BN, ReLU), hence the ".1.0".
+OFFICIAL_KEYS = (
+    (r"backbone\.prefix\.(.+)", r"net.backbone.stem.\1"),  # the deep stem: conv1..3, bn1..3
+    (r"backbone\.(layer\d\..+)", r"net.backbone.\1"),  # torchvision's Bottleneck names
+    (r"fusion\.stages\.0\.f_(key|query)\.0\.(.+)", r"net.afnb.attention.\1.0.\2"),
+    (r"fusion\.stages\.0\.f_(key|query)\.1\.0\.(.+)", r"net.afnb.attention.\1.1.\2"),
+    (r"fusion\.stages\.0\.f_value\.(.+)", r"net.afnb.attention.value.\1"),
+    (r"fusion\.stages\.0\.W\.(.+)", r"net.afnb.attention.W_o.\1"),
+    (r"fusion\.conv_bn_dropout\.([01])\.(.+)", r"net.afnb.fuse.\1.\2"),  # conv, BN (no ReLU in AFNB)
+    (r"context\.0\.(.+)", r"net.conv.0.\1"),
+    (r"context\.1\.0\.(.+)", r"net.conv.1.\1"),
+    (r"context\.2\.stages\.0\.f_key\.0\.(.+)", r"net.apnb.attention.key.0.\1"),  # APNB: f_query IS f_key (below)
+    (r"context\.2\.stages\.0\.f_key\.1\.0\.(.+)", r"net.apnb.attention.key.1.\1"),
+    (r"context\.2\.stages\.0\.f_value\.(.+)", r"net.apnb.attention.value.\1"),
+    (r"context\.2\.stages\.0\.W\.(.+)", r"net.apnb.attention.W_o.\1"),
+    (r"context\.2\.conv_bn_dropout\.0\.(.+)", r"net.apnb.fuse.0.\1"),
+    (r"context\.2\.conv_bn_dropout\.1\.0\.(.+)", r"net.apnb.fuse.1.\1"),
+    (r"cls\.(.+)", r"net.classifier.\1"),
+    (r"dsn\.0\.(.+)", r"net.aux.0.\1"),
+    (r"dsn\.1\.0\.(.+)", r"net.aux.1.\1"),
+    (r"dsn\.3\.(.+)", r"net.aux.4.\1"),
+)
+# APNB's f_query is the same module as its f_key, so the state dict holds it twice; the copy must equal f_key.
+OFFICIAL_SHARED = (r"context\.2\.stages\.0\.f_query\.(.+)", r"context.2.stages.0.f_key.\1")
+
+
+def listing(keys, n=20):
+    """The first n keys and how many more, for error messages."""
+    return str(keys[:n]) + (f" and {len(keys) - n} more" if len(keys) > n else "")
+
+
+def official_name_to_ours(key):
+    """One official key -> our key, or None if no rule of OFFICIAL_KEYS matches it."""
+    for pattern, target in OFFICIAL_KEYS:
+        m = re.fullmatch(pattern, key)
+        if m:
+            return m.expand(target)
+    return None
+
+
+def official_weights(checkpoint):
+    """The state dict inside a released file ({"state_dict": ..., "config_dict": ...}), without DataParallel's
+    "module." prefix."""
+    state = checkpoint.get("state_dict", checkpoint)
+    return {k.removeprefix("module."): v for k, v in state.items()}
+
+
+def official_preset(state):
+    """The preset of a released checkpoint: the deep stem's conv2 says paper_deepstem."""
+    return "paper_deepstem" if "backbone.prefix.conv2.weight" in state else None
+
+
+def convert_official_state_dict(official, cfg):
+    """A released ANN checkpoint (or its state dict) -> the state dict of build_model(cfg, pretrained=False).
+
+    Unknown, missing or mis-shaped keys raise a ValueError that lists them. BatchNorm's num_batches_tracked, which
+    PyTorch < 0.4.1 did not save and eval never reads, is kept at ours when absent."""
+    official = official_weights(official)
+    ours = build_model(cfg, pretrained=False).state_dict()
+    out, unknown, mismatched = {}, [], []
+    for key, value in official.items():
+        shared = re.fullmatch(OFFICIAL_SHARED[0], key)
+        if shared:  # the second name of APNB's shared query/key projection
+            twin = official.get(shared.expand(OFFICIAL_SHARED[1]))
+            if twin is None or not torch.equal(twin, value):
+                unknown.append(f"{key} (differs from its f_key twin)")
+            continue
+        name = official_name_to_ours(key)
+        if name not in ours:
+            unknown.append(key if name is None else f"{key} (-> {name})")
+        elif ours[name].shape != value.shape:
+            mismatched.append(f"{key} {tuple(value.shape)} -> {name} {tuple(ours[name].shape)}")
+        else:
+            out[name] = value.to(ours[name].dtype)
+    out.update({k: v for k, v in ours.items() if k.endswith("num_batches_tracked") and k not in out})
+    missing = sorted(set(ours) - set(out))
+    if unknown or missing or mismatched:
+        raise ValueError(f"the checkpoint does not fit ANN with this config ({len(unknown)} unknown, {len(missing)} "
+                         f"missing, {len(mismatched)} mis-shaped keys): unknown {listing(unknown)}, missing "
+                         f"{listing(missing)}, mis-shaped {listing(mismatched)}")
+    return out
 
 
 # ----------------------------------------------------------------------------------------------------------------------

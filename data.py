@@ -449,19 +449,22 @@ class TrainTransform:
     The rescale factor is drawn from scale_range, relative to the image with its short side resized to base_size
     (0 = the native size); both resizes are done as one. aspect_range stretches the width by sqrt(a) and shrinks the
     height by sqrt(a) (ANN: 0.9-1.1). Labels are resized with nearest neighbour (v2 does so for every Mask). The crop
-    pads the image with 0 and the labels with `ignore_index` where the scaled image is smaller than the crop; it comes
-    after the jitter, so the padding stays 0 (as in mmseg and detectron2, which pad last).
+    pads the image with `pad_value` (0-255: 0 black, as mmseg; SAN's official mapper pads with 128) and the labels with
+    `ignore_index` where the scaled image is smaller than the crop; it comes after the jitter, so the padding keeps its
+    value (mmseg and detectron2 pad last too).
     Photometric jitter, one mild setting for every model: brightness x[0.875, 1.125] (about SSD's +-32/255; ANN only
     shifts brightness by +-10/255), contrast and saturation x[0.75, 1.25] (SSD: 0.5-1.5). No hue jitter (SSD: +-18
     degrees): on one core it costs 0.14 s per 769x769 crop, more than the rest of the pipeline together.
     """
 
-    def __init__(self, crop_size, base_size=0, scale_range=(0.5, 2.0), aspect_range=(1.0, 1.0), ignore_index=IGNORE):
+    def __init__(self, crop_size, base_size=0, scale_range=(0.5, 2.0), aspect_range=(1.0, 1.0), ignore_index=IGNORE,
+                 pad_value=0):
         self.crop_size, self.base_size = crop_size, base_size
         self.scale_range, self.aspect_range = scale_range, aspect_range
         self.jitter_crop_flip = v2.Compose([
             v2.ColorJitter(brightness=0.125, contrast=0.25, saturation=0.25),  # changes images only; before the padding
-            v2.RandomCrop(crop_size, pad_if_needed=True, fill={tv_tensors.Image: 0, tv_tensors.Mask: ignore_index}),
+            v2.RandomCrop(crop_size, pad_if_needed=True,
+                          fill={tv_tensors.Image: pad_value, tv_tensors.Mask: ignore_index}),
             v2.RandomHorizontalFlip(0.5),
             v2.ToDtype({tv_tensors.Image: torch.float32, "others": None}, scale=True),  # uint8 -> [0, 1]
         ])
@@ -492,9 +495,9 @@ def build_dataset(name, split, cfg):
     """The dataset `name` ("toy_context", "toy_shapes", "cityscapes", ...) for split "train" or "val".
 
     Real datasets (REAL_DATASETS) are read from cfg.data_root. Their training split gets the TrainTransform built
-    from cfg.crop_size, cfg.base_size, cfg.scale_range and, if the config has it, cfg.aspect_range (default none);
-    their val split is returned whole at its native size (models resize internally). Toy data is generated at
-    cfg.crop_size and needs no transform.
+    from cfg.crop_size, cfg.base_size, cfg.scale_range and, if the config has them, cfg.aspect_range (default none)
+    and cfg.pad_value (default 0); their val split is returned whole at its native size (models resize internally).
+    Toy data is generated at cfg.crop_size and needs no transform.
     """
     seed = getattr(cfg, "seed", 0)
     toy = {
@@ -509,6 +512,7 @@ def build_dataset(name, split, cfg):
         dataset = real_dataset(name, split, cfg.data_root)
         if split == "train":
             dataset.transform = TrainTransform(cfg.crop_size, cfg.base_size, cfg.scale_range,
-                                               getattr(cfg, "aspect_range", (1.0, 1.0)), dataset.ignore_index)
+                                               getattr(cfg, "aspect_range", (1.0, 1.0)), dataset.ignore_index,
+                                               getattr(cfg, "pad_value", 0))
         return dataset
     raise ValueError(f"unknown dataset {name!r}; known: {', '.join(sorted(toy) + sorted(REAL_DATASETS))}")

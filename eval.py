@@ -283,8 +283,11 @@ def main(argv=None):
         wrapper.load_state_dict(ckpt["model"])
         out = Path(args.out or Path(args.ckpt).parent)
         if args.image:
-            vocab = [v.strip() for v in args.vocab.split(",") if v.strip()] if args.vocab is not None else \
-                data.build_dataset(cfg.train_dataset, "val", cfg).class_names
+            if args.vocab is not None:
+                vocab = [v.strip() for v in args.vocab.split(",") if v.strip()]
+            else:  # the training vocabulary: stored in the config (open-vocabulary models), else the dataset's
+                vocab = list(getattr(cfg, "class_names", ()) or
+                             data.build_dataset(cfg.train_dataset, "val", cfg).class_names)
             if not vocab:
                 raise ValueError("--vocab is empty; give comma-separated class names, e.g. --vocab \"cat,dog,grass\"")
             out.mkdir(parents=True, exist_ok=True)

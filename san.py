@@ -20,7 +20,9 @@ File map (section -> paper):
   encode_vocabulary, SAN.classifier ...... Sec. 3/4: open-vocabulary classifier, ViLD prompts, learnable background
   SAN .................................... the whole network (the paper's overview figure)
   HungarianMatcher, SetCriterion ......... Sec. 4 / Mask2Former: set prediction losses on sampled points
-  SANWrapper ............................. training step, semantic inference (sum over queries), proposals for plots
+  SANWrapper ............................. training step, semantic inference (sum over queries), proposals for plots;
+                                           the official test resize (short side 640) in the paper presets
+  OFFICIAL_KEYS, convert_official_... .... the released san_vit_b_16.pth / san_vit_large_14.pth -> our weights
 
 Details of the official code that the paper does not state (kept here): CLIP's positional embedding is trainable;
 [SOS] tokens are blocked (-100, not -inf) from [CLS] and from each other; one bias per head serves all recognition
@@ -40,6 +42,7 @@ index K of the logits. Shapes: B batch, Q queries, K classes (+1 no-object), D C
 width, h x w side grid (1/16 of the padded input), h' x w' CLIP grid, L = h'w' CLIP patches, T GT masks.
 """
 import os
+import re
 from dataclasses import dataclass, replace
 
 import open_clip
@@ -77,6 +80,9 @@ class Config:
     crop_size: int = 640  # training crop
     base_size: int = 640  # short side before random scaling
     scale_range: tuple = (0.5, 1.5)  # random rescale of base_size (official: short side in {320, 384, ..., 960})
+    test_short_side: int = 0  # inference: resize the short side to this first, 0 = native size (paper: 640)
+    test_max_size: int = 2560  # inference: ... with the long side at most this (detectron2's ResizeShortestEdge)
+    pad_value: int = 128  # training crops smaller than crop_size are padded with this grey, 0-255 (official mapper)
     # CLIP
     clip_model: str = "ViT-B-16"  # open_clip model name, or the path of an open_clip model-config JSON
     clip_pretrained: str = "openai"  # open_clip pretrained tag or a local weights file
@@ -122,8 +128,10 @@ class Config:
 TOY_SEEN_CLASSES = ("red square", "red triangle", "green square", "green circle", "blue circle", "blue triangle",
                     "yellow square", "yellow triangle")  # data.ToyShapes(classes="seen").class_names (a test guards it)
 PRESETS = {
-    "paper": Config(),  # ViT-B/16, recognition in blocks 10-12; paper: ADE-150 27.5, PC-59 53.8, VOC-20 94.0 mIoU
-    "paper_l14": Config(clip_model="ViT-L-14-336", clip_resolution=0.7, clip_feature_layers=(0, 6, 12, 18)),  # 19-24
+    # The official test protocol (INPUT.MIN_SIZE_TEST 640, MAX_SIZE_TEST 2560) is in both paper presets.
+    "paper": Config(test_short_side=640),  # ViT-B/16, recognition in blocks 10-12; paper: ADE-150 27.5, PC-59 53.8
+    "paper_l14": Config(clip_model="ViT-L-14-336", clip_resolution=0.7, clip_feature_layers=(0, 6, 12, 18),
+                        test_short_side=640),  # recognition in blocks 19-24
     "toy": Config(  # trained on the 8 seen colour x shape classes, evaluated on all 12; paper structure, CPU sizes
         train_dataset="toy_shapes_seen", eval_datasets=("toy_shapes",), num_classes=8, class_names=TOY_SEEN_CLASSES,
         crop_size=128, base_size=128, scale_range=(1.0, 1.0),
@@ -558,6 +566,21 @@ def semantic_targets(labels, num_classes):
 # ----------------------------------------------------------------------------------------------------------------------
 # Training wrapper: the training step, semantic inference, proposals for plots
 # ----------------------------------------------------------------------------------------------------------------------
+def resize_short_side(images, short, max_size):
+    """(B, 3, H, W) -> (B, 3, h, w) with min(h, w) = short and max(h, w) <= max_size (detectron2's
+    ResizeShortestEdge, rounding included; bilinear with antialiasing, as PIL resizes there). short=0: unchanged."""
+    H, W = images.shape[-2:]
+    if not short:
+        return images
+    scale = short / min(H, W)
+    if max(H, W) * scale > max_size:
+        scale = max_size / max(H, W)
+    size = (int(H * scale + 0.5), int(W * scale + 0.5))
+    if size == (H, W):
+        return images
+    return F.interpolate(images, size=size, mode="bilinear", antialias=True).clamp(0, 1)
+
+
 class SANWrapper(nn.Module):
     """Owns the SAN network (`net`, with its frozen CLIP) and the criterion."""
 
@@ -579,16 +602,22 @@ class SANWrapper(nn.Module):
             return self.criterion(out, semantic_targets(labels, len(cfg.class_names)))
 
     def infer(self, batch, vocab):
-        """-> (SAN outputs of the last side block, mask logits (B, Q, H, W) at the input size)."""
+        """-> (SAN outputs of the last side block, mask logits (B, Q, H, W) at the input size).
+
+        With cfg.test_short_side (the paper's test protocol) the network sees the image resized to that short side,
+        and the mask logits are resized back to (H, W) before the sigmoid, as the official sem_seg_postprocess."""
         vocab = list(vocab if vocab is not None else self.cfg.class_names)
         if not vocab:
             raise ValueError("SAN needs a vocabulary: predict(batch, vocab=[class names])")
-        images = batch["image"]
+        H, W = batch["image"].shape[-2:]
+        images = resize_short_side(batch["image"], self.cfg.test_short_side, self.cfg.test_max_size)  # (B, 3, h, w)
         out = self.net(images, vocab, (self.cfg.side_depth,))
-        (H, W), d = images.shape[-2:], self.cfg.size_divisibility
-        padded = (H + -H % d, W + -W % d)
-        masks = F.interpolate(out["pred_masks"].float(), size=padded, mode="bilinear")  # (B, Q, Hp, Wp)
-        return out, masks[..., :H, :W]  # (B, Q, H, W): the padding is cropped off
+        (h, w), d = images.shape[-2:], self.cfg.size_divisibility
+        masks = F.interpolate(out["pred_masks"].float(), size=(h + -h % d, w + -w % d), mode="bilinear")
+        masks = masks[..., :h, :w]  # (B, Q, h, w): the padding is cropped off
+        if (h, w) != (H, W):
+            masks = F.interpolate(masks, size=(H, W), mode="bilinear")  # (B, Q, H, W)
+        return out, masks
 
     @torch.no_grad()
     def predict(self, batch, vocab=None):
@@ -629,6 +658,91 @@ def build_model(cfg, pretrained=True):
 
 def count_trainable(module):
     return sum(p.numel() for p in module.parameters() if p.requires_grad)
+
+
+# ----------------------------------------------------------------------------------------------------------------------
+# Released checkpoints: MendelXu/SAN's san_vit_b_16.pth / san_vit_large_14.pth (detectron2: {"model": state dict})
+# ----------------------------------------------------------------------------------------------------------------------
+# (official key regex, our key): a regex replacement, or a function (match, k) -> key where an index shifts; k = the
+# CLIP blocks before the recognition blocks (cfg.clip_feature_layers[-1]). Read from MendelXu/SAN san/model/*.
+OFFICIAL_KEYS = (
+    # side adapter: timm's ViT (its cls token and final norm removed), queries, fusion layers, MLP decoder
+    (r"side_adapter_network\.vit_model\.patch_embed\.proj\.(.+)", r"net.side.patch_embed.\1"),
+    (r"side_adapter_network\.vit_model\.pos_embed", r"net.side.pos_embed"),  # (1, hw, W) -> (hw, W)
+    (r"side_adapter_network\.vit_model\.blocks\.(\d+)\.attn\.(qkv|proj)\.(.+)", r"net.side.blocks.\1.\2.\3"),
+    (r"side_adapter_network\.vit_model\.blocks\.(\d+)\.mlp\.(fc1|fc2)\.(.+)", r"net.side.blocks.\1.\2.\3"),
+    (r"side_adapter_network\.vit_model\.blocks\.(\d+)\.(norm1|norm2)\.(.+)", r"net.side.blocks.\1.\2.\3"),
+    (r"side_adapter_network\.(query_embed|query_pos_embed)", r"net.side.\1"),  # (1, Q, W) -> (Q, W)
+    (r"side_adapter_network\.fusion_layers\.layer_(\d+)\.input_proj\.0\.(.+)", r"net.side.fusions.\1.norm.\2"),
+    (r"side_adapter_network\.fusion_layers\.layer_(\d+)\.input_proj\.1\.(.+)", r"net.side.fusions.\1.proj.\2"),
+    (r"side_adapter_network\.mask_decoder\.(\w+_mlp)\.layers\.(\d+)\.(.+)",  # ours has ReLUs in the Sequential
+     lambda m, k: f"net.side.decoder.{m[1]}.{2 * int(m[2])}.{m[3]}"),
+    (r"side_adapter_network\.mask_decoder\.bias_scaling\.(.+)", r"net.side.decoder.bias_scaling.\1"),
+    # CLIP's visual tower, split in two by the official code: the feature extractor (blocks 1..k) and the head
+    (r"clip_visual_extractor\.(conv1|class_embedding|positional_embedding|ln_pre)(.*)", r"net.clip.visual.\1\2"),
+    (r"clip_visual_extractor\.resblocks\.(\d+)\.(.+)", r"net.clip.visual.transformer.resblocks.\1.\2"),
+    (r"clip_rec_head\.resblocks\.(\d+)\.(.+)",  # the head's block i is CLIP's block k + i
+     lambda m, k: f"net.clip.visual.transformer.resblocks.{int(m[1]) + k}.{m[2]}"),
+    (r"clip_rec_head\.(ln_post|proj)(.*)", r"net.clip.visual.\1\2"),
+    # the classifier: CLIP without its visual tower (the text encoder, logit_scale), and the background embedding
+    (r"ov_classifier\.bg_embed", r"net.bg_embed"),
+    (r"ov_classifier\.(.+)", r"net.clip.\1"),
+)
+OFFICIAL_UNUSED = ("criterion.empty_weight",  # the no-object CE weight, a buffer made from cfg.no_object_weight
+                   "ov_classifier.attn_mask")  # the text encoder's causal mask, a constant the classifier re-saves
+
+
+def listing(keys, n=20):
+    """The first n keys and how many more, for error messages."""
+    return str(keys[:n]) + (f" and {len(keys) - n} more" if len(keys) > n else "")
+
+
+def official_name_to_ours(key, k):
+    """One official key -> our key, or None if no rule of OFFICIAL_KEYS matches it."""
+    for pattern, target in OFFICIAL_KEYS:
+        m = re.fullmatch(pattern, key)
+        if m:
+            return m.expand(target) if isinstance(target, str) else target(m, k)
+    return None
+
+
+def official_weights(checkpoint):
+    """The state dict inside a released file: detectron2 saves {"model": state dict, "iteration": ...}."""
+    return checkpoint.get("model", checkpoint)
+
+
+def official_preset(state):
+    """The preset of a released checkpoint, told by CLIP's width: 768 -> "paper" (B/16), 1024 -> "paper_l14"."""
+    width = state["clip_visual_extractor.conv1.weight"].shape[0]
+    return {768: "paper", 1024: "paper_l14"}.get(width)
+
+
+def convert_official_state_dict(official, cfg):
+    """An official SAN state dict (or detectron2's {"model": ...}) -> the state dict of build_model(cfg).
+
+    Every official key must map to one of ours with the same number of elements, and every key of ours must be
+    filled: otherwise a ValueError lists the unknown, missing and mis-shaped keys, and nothing is returned."""
+    official = official_weights(official)
+    wrapper = build_model(cfg, pretrained=False)
+    ours, k = wrapper.state_dict(), cfg.clip_feature_layers[-1]
+    out, unknown, mismatched = {}, [], []
+    for key, value in official.items():
+        if key in OFFICIAL_UNUSED:
+            continue
+        name = official_name_to_ours(key, k)
+        if name not in ours:
+            unknown.append(key if name is None else f"{key} (-> {name})")
+        elif ours[name].numel() != value.numel():
+            mismatched.append(f"{key} {tuple(value.shape)} -> {name} {tuple(ours[name].shape)}")
+        else:
+            out[name] = value.reshape(ours[name].shape).to(ours[name].dtype)  # only the (1, n, W) embeds reshape
+    missing = sorted(set(ours) - set(out))
+    if unknown or missing or mismatched:
+        raise ValueError(f"the checkpoint does not fit SAN with this config ({len(unknown)} unknown, {len(missing)} "
+                         f"missing, {len(mismatched)} mis-shaped keys): unknown {listing(unknown)}, missing "
+                         f"{listing(missing)}, mis-shaped {listing(mismatched)}")
+    wrapper.load_state_dict(out)  # strict: a last check
+    return out
 
 
 # ----------------------------------------------------------------------------------------------------------------------

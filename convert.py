@@ -1,0 +1,84 @@
+"""Turn a paper's released checkpoint into an ordinary checkpoint of this project, then evaluate it with eval.py.
+
+    python convert.py san san_vit_b_16.pth runs/san_b16/ckpt.pt
+    python eval.py --ckpt runs/san_b16/ckpt.pt --data-root datasets
+    python eval.py --ckpt runs/san_b16/ckpt.pt --image my.jpg --vocab "cat,dog,grass"
+
+The key mapping of each paper lives in its model file, as a readable table next to its builders (san.OFFICIAL_KEYS,
+ann.OFFICIAL_KEYS); this script only finds the preset, calls the model file's converter and writes the checkpoint
+(config = the matching paper preset, the model name, the weights). A key that the table does not know, or a weight of
+ours that the file does not fill, is an error that lists them: nothing is written half-way.
+"""
+import argparse
+import dataclasses
+import pickle
+import sys
+from pathlib import Path
+
+import torch
+
+from checkpoint import load_model_module, save_checkpoint
+
+
+def numpy_globals():
+    """What a pickled numpy array or scalar needs: numpy's array reconstruction, ndarray, dtype and its classes."""
+    import numpy as np
+    core = np._core if hasattr(np, "_core") else np.core
+    dtypes = [getattr(np.dtypes, n) for n in dir(np.dtypes) if n.endswith("DType")]
+    return [core.multiarray._reconstruct, core.multiarray.scalar, np.ndarray, np.dtype, *dtypes]
+
+
+def load_official(src):
+    """The released file, read with weights_only=True: tensors and plain data, plus numpy arrays (the frameworks
+    pickled some beside the weights, e.g. ANN's runner_state); any other object is refused, never run."""
+    try:
+        with torch.serialization.safe_globals(numpy_globals()):
+            return torch.load(src, map_location="cpu", weights_only=True)
+    except pickle.UnpicklingError as e:
+        raise ValueError(f"{src} holds objects other than tensors, numbers and numpy arrays, so it was not loaded "
+                         f"(only weights_only=True reads are made): {str(e).splitlines()[0]}") from None
+
+
+def convert(model_name, src, dst, preset=None, force=False):
+    """Convert `src` (an official checkpoint of `model_name`) into our checkpoint `dst`; returns the preset used."""
+    module = load_model_module(model_name)
+    if not hasattr(module, "convert_official_state_dict"):
+        raise ValueError(f"model {model_name!r} has no converter for official checkpoints")
+    if Path(dst).exists() and not force:
+        raise FileExistsError(f"{dst} exists; pass --force to overwrite it")
+    if not Path(src).is_file():
+        raise FileNotFoundError(f"no official checkpoint at {src}")
+    official = load_official(src)
+    preset = preset or module.official_preset(module.official_weights(official))
+    if preset not in module.PRESETS:
+        raise ValueError(f"cannot tell which {model_name} preset {src} is; pass --preset (one of "
+                         f"{', '.join(module.PRESETS)})")
+    cfg = module.PRESETS[preset]
+    if getattr(cfg, "class_names", None) == ():  # open-vocabulary: store the training vocabulary with the weights
+        import data
+        cfg = dataclasses.replace(cfg, class_names=tuple(data.class_names(cfg.train_dataset)))
+    state = module.convert_official_state_dict(official, cfg)
+    Path(dst).parent.mkdir(parents=True, exist_ok=True)
+    save_checkpoint(dst, model_name=model_name, config=dataclasses.asdict(cfg), model=state, step=0,
+                    converted_from=str(src), preset=preset)  # atomic: a kill leaves no half-written checkpoint
+    return preset
+
+
+def main(argv=None):
+    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    parser.add_argument("model", help="model file that the checkpoint is for (san, ann)")
+    parser.add_argument("src", help="the released checkpoint, as downloaded")
+    parser.add_argument("dst", help="our checkpoint to write (e.g. runs/san_b16/ckpt.pt)")
+    parser.add_argument("--preset", help="the paper preset of the checkpoint (default: told from the weights)")
+    parser.add_argument("--force", action="store_true", help="overwrite dst if it exists")
+    args = parser.parse_args(argv)
+    try:
+        preset = convert(args.model, args.src, args.dst, args.preset, args.force)
+    except (FileNotFoundError, FileExistsError, ValueError) as e:
+        print(f"error: {e}", file=sys.stderr)
+        sys.exit(2)
+    print(f"wrote {args.dst} ({args.model}, preset {preset}); evaluate it with: python eval.py --ckpt {args.dst}")
+
+
+if __name__ == "__main__":
+    main()

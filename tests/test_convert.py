@@ -1,0 +1,413 @@
+"""Released checkpoints -> our files (convert.py, san.convert_official_state_dict, ann.convert_official_state_dict).
+
+No test downloads anything: each builds a state dict under exactly the official key names and shapes (restated here
+from the official code: MendelXu/SAN san/model/{san,side_adapter/side_adapter,clip_utils/*,layers}.py; MendelXu/ANN
+models/{backbones/resnet,seg/nets/annn,seg/utils/afnb,seg/utils/apnb}.py), with random values, converts it and
+checks where every tensor lands.
+"""
+import dataclasses
+import json
+import re
+
+import numpy as np
+import open_clip
+import pytest
+import torch
+import torch.nn as nn
+import torch.nn.functional as F
+
+import convert
+import san
+
+TINY_CLIP = {"embed_dim": 64, "vision_cfg": {"image_size": 64, "layers": 6, "width": 64, "head_width": 16,
+                                             "patch_size": 8},
+             "text_cfg": {"context_length": 16, "vocab_size": 49408, "width": 64, "heads": 4, "layers": 2}}
+
+
+# ----------------------------------------------------------------------------------------------------------------------
+# SAN
+# ----------------------------------------------------------------------------------------------------------------------
+def official_san_shapes(cfg, clip_shapes, heads, num_classes):
+    """{official key: shape} of MendelXu/SAN's detectron2 model for `cfg`, given the open_clip CLIP's {key: shape}."""
+    W, Q, E, k, p = cfg.side_width, cfg.num_queries, cfg.decoder_dim, cfg.clip_feature_layers[-1], cfg.side_patch_size
+    C = clip_shapes["visual.ln_pre.weight"][0]
+    sa = "side_adapter_network."
+    shapes = {sa + "vit_model.patch_embed.proj.weight": (W, 3, p, p), sa + "vit_model.patch_embed.proj.bias": (W,),
+              sa + "vit_model.pos_embed": (1, (cfg.side_image_size // p) ** 2, W),  # cls token removed
+              sa + "query_embed": (1, Q, W), sa + "query_pos_embed": (1, Q, W)}
+    for i in range(cfg.side_depth):  # timm's Block
+        b = f"{sa}vit_model.blocks.{i}."
+        shapes.update({b + "norm1.weight": (W,), b + "norm1.bias": (W,), b + "attn.qkv.weight": (3 * W, W),
+                       b + "attn.qkv.bias": (3 * W,), b + "attn.proj.weight": (W, W), b + "attn.proj.bias": (W,),
+                       b + "norm2.weight": (W,), b + "norm2.bias": (W,), b + "mlp.fc1.weight": (4 * W, W),
+                       b + "mlp.fc1.bias": (4 * W,), b + "mlp.fc2.weight": (W, 4 * W), b + "mlp.fc2.bias": (W,)})
+    for j in range(len(cfg.clip_feature_layers)):  # FUSION_MAP "clip i -> side j": layer_j
+        f = f"{sa}fusion_layers.layer_{j}.input_proj."
+        shapes.update({f + "0.weight": (C,), f + "0.bias": (C,), f + "1.weight": (W, C, 1, 1), f + "1.bias": (W,)})
+    for mlp, conv, out in (("query_mlp", False, E), ("pix_mlp", True, E), ("attn_mlp", True, E * heads)):
+        for n, (a, b) in enumerate(((W, E), (E, E), (E, out))):
+            shapes[f"{sa}mask_decoder.{mlp}.layers.{n}.weight"] = (b, a, 1, 1) if conv else (b, a)
+            shapes[f"{sa}mask_decoder.{mlp}.layers.{n}.bias"] = (b,)
+    shapes.update({sa + "mask_decoder.bias_scaling.weight": (1, 1), sa + "mask_decoder.bias_scaling.bias": (1,)})
+    for key, shape in clip_shapes.items():  # FeatureExtractor, RecWithAttnbiasHead, LearnableBgOvClassifier
+        m = re.fullmatch(r"visual\.transformer\.resblocks\.(\d+)\.(.+)", key)
+        if m and int(m[1]) < k:
+            shapes[f"clip_visual_extractor.resblocks.{m[1]}.{m[2]}"] = shape
+        elif m:
+            shapes[f"clip_rec_head.resblocks.{int(m[1]) - k}.{m[2]}"] = shape
+        elif key.startswith(("visual.ln_post", "visual.proj")):
+            shapes["clip_rec_head." + key[len("visual."):]] = shape
+        elif key.startswith("visual."):
+            shapes["clip_visual_extractor." + key[len("visual."):]] = shape
+        else:
+            shapes["ov_classifier." + key] = shape
+    ctx = clip_shapes["positional_embedding"][0]  # the classifier re-registers CLIP's buffers as persistent ones
+    shapes["ov_classifier.attn_mask"] = (ctx, ctx)
+    shapes["ov_classifier.bg_embed"] = (1, clip_shapes["text_projection"][1])
+    shapes["criterion.empty_weight"] = (num_classes + 1,)
+    return shapes
+
+
+@pytest.fixture(scope="module")
+def tiny(tmp_path_factory):
+    """A toy-sized SAN on a tiny random open_clip CLIP, and a random official state dict for it."""
+    tmp = tmp_path_factory.mktemp("san")
+    (tmp / "tiny_clip.json").write_text(json.dumps(TINY_CLIP))
+    torch.manual_seed(0)
+    clip_state = open_clip.model.CLIP(**TINY_CLIP).state_dict()
+    torch.save(clip_state, tmp / "tiny_clip.pt")
+    cfg = dataclasses.replace(san.PRESETS["toy"], clip_model=str(tmp / "tiny_clip.json"),
+                              clip_pretrained=str(tmp / "tiny_clip.pt"))
+    shapes = official_san_shapes(cfg, {k: tuple(v.shape) for k, v in clip_state.items()}, heads=4, num_classes=8)
+    g = torch.Generator().manual_seed(1)
+    official = {k: torch.randn(s, generator=g) * 0.1 for k, s in shapes.items()}
+    return cfg, official, tmp
+
+
+def place_by_hand(cfg, official):
+    """Our SAN with the official tensors assigned attribute by attribute (no key table)."""
+    wrapper = san.build_model(cfg, pretrained=False)
+    net, side, o = wrapper.net, wrapper.net.side, {k.replace("side_adapter_network.", "S."): v for k, v in
+                                                   official.items()}
+    clip = {}
+    k = cfg.clip_feature_layers[-1]
+    for key, v in official.items():
+        if key.startswith("clip_visual_extractor.resblocks."):
+            clip["visual.transformer." + key[len("clip_visual_extractor."):]] = v
+        elif key.startswith("clip_visual_extractor."):
+            clip["visual." + key[len("clip_visual_extractor."):]] = v
+        elif key.startswith("clip_rec_head.resblocks."):
+            i, rest = key[len("clip_rec_head.resblocks."):].split(".", 1)
+            clip[f"visual.transformer.resblocks.{int(i) + k}.{rest}"] = v
+        elif key.startswith("clip_rec_head."):
+            clip["visual." + key[len("clip_rec_head."):]] = v
+        elif key.startswith("ov_classifier.") and key not in ("ov_classifier.bg_embed", "ov_classifier.attn_mask"):
+            clip[key[len("ov_classifier."):]] = v
+    net.clip.load_state_dict(clip)
+    with torch.no_grad():
+        net.bg_embed.copy_(official["ov_classifier.bg_embed"])
+        side.patch_embed.weight.copy_(o["S.vit_model.patch_embed.proj.weight"])
+        side.patch_embed.bias.copy_(o["S.vit_model.patch_embed.proj.bias"])
+        side.pos_embed.copy_(o["S.vit_model.pos_embed"][0])
+        side.query_embed.copy_(o["S.query_embed"][0])
+        side.query_pos_embed.copy_(o["S.query_pos_embed"][0])
+        for i, block in enumerate(side.blocks):
+            for ours, theirs in ((block.norm1, "norm1"), (block.qkv, "attn.qkv"), (block.proj, "attn.proj"),
+                                 (block.norm2, "norm2"), (block.fc1, "mlp.fc1"), (block.fc2, "mlp.fc2")):
+                ours.weight.copy_(o[f"S.vit_model.blocks.{i}.{theirs}.weight"])
+                ours.bias.copy_(o[f"S.vit_model.blocks.{i}.{theirs}.bias"])
+        for j, fusion in enumerate(side.fusions):
+            for ours, n in ((fusion.norm, 0), (fusion.proj, 1)):
+                ours.weight.copy_(o[f"S.fusion_layers.layer_{j}.input_proj.{n}.weight"])
+                ours.bias.copy_(o[f"S.fusion_layers.layer_{j}.input_proj.{n}.bias"])
+        for name in ("query_mlp", "pix_mlp", "attn_mlp"):
+            linears = [m for m in getattr(side.decoder, name) if not isinstance(m, nn.ReLU)]
+            for n, layer in enumerate(linears):
+                layer.weight.copy_(o[f"S.mask_decoder.{name}.layers.{n}.weight"])
+                layer.bias.copy_(o[f"S.mask_decoder.{name}.layers.{n}.bias"])
+        side.decoder.bias_scaling.weight.copy_(o["S.mask_decoder.bias_scaling.weight"])
+        side.decoder.bias_scaling.bias.copy_(o["S.mask_decoder.bias_scaling.bias"])
+    return wrapper.eval()
+
+
+def test_san_conversion_places_every_tensor(tiny):
+    cfg, official, _ = tiny
+    state = san.convert_official_state_dict({"model": official, "iteration": 59999}, cfg)
+    converted = san.build_model(cfg, pretrained=False).eval()
+    converted.load_state_dict(state)
+    by_hand = place_by_hand(cfg, official)
+    for key, value in by_hand.state_dict().items():  # every tensor, then the outputs that use them
+        assert torch.equal(state[key], value), key
+    image, vocab = torch.rand(1, 3, 96, 80), ["red square", "blue circle", "grass"]
+    a, b = converted.net(image, vocab, (cfg.side_depth,)), by_hand.net(image, vocab, (cfg.side_depth,))
+    for key in ("pred_masks", "attn_bias", "pred_logits"):  # side adapter outputs, recognition logits
+        assert torch.allclose(a[key], b[key], atol=1e-6), key
+    assert a["pred_logits"].shape == (1, cfg.num_queries, len(vocab) + 1)
+
+
+def test_san_unknown_missing_and_misshaped_keys_are_listed(tiny):
+    cfg, official, _ = tiny
+    broken = dict(official)
+    broken["side_adapter_network.vit_model.cls_token"] = torch.zeros(1, 1, cfg.side_width)
+    del broken["side_adapter_network.mask_decoder.bias_scaling.bias"]
+    broken["ov_classifier.bg_embed"] = torch.zeros(1, 7)
+    with pytest.raises(ValueError) as e:
+        san.convert_official_state_dict(broken, cfg)
+    msg = str(e.value)
+    assert "1 unknown, 2 missing, 1 mis-shaped" in msg
+    assert "side_adapter_network.vit_model.cls_token" in msg and "net.side.decoder.bias_scaling.bias" in msg
+    assert "net.bg_embed" in msg
+
+
+def test_san_paper_key_list_and_parameter_counts(monkeypatch):
+    """The paper-size official key list maps one to one onto our paper preset, shape for shape; the trainable
+    parameters (side adapter, background embedding, CLIP's positional embedding) are the official log's 8.37M."""
+    create = open_clip.create_model
+    monkeypatch.setattr(open_clip, "create_model", lambda *a, **kw: create(*a, **kw, device="meta"))
+    for preset, heads, clip_width in (("paper", 12, 768), ("paper_l14", 16, 1024)):
+        cfg = san.PRESETS[preset]
+        with torch.device("meta"):  # shapes only: no memory, no time
+            wrapper = san.build_model(cfg, pretrained=False)
+        ours = wrapper.state_dict()
+        clip_shapes = {k[len("net.clip."):]: tuple(v.shape) for k, v in ours.items() if k.startswith("net.clip.")}
+        official = official_san_shapes(cfg, clip_shapes, heads, 171)
+        assert san.official_preset({"clip_visual_extractor.conv1.weight": torch.empty(clip_width, 0)}) == preset
+        mapped = {}
+        for key, shape in official.items():
+            if key in san.OFFICIAL_UNUSED:
+                continue
+            name = san.official_name_to_ours(key, cfg.clip_feature_layers[-1])
+            assert name in ours and ours[name].numel() == torch.Size(shape).numel(), (key, name)
+            mapped[name] = key
+        assert set(mapped) == set(ours)
+        trainable = sum(torch.Size(s).numel() for k, s in official.items()
+                        if k.startswith("side_adapter_network.") or k in (
+                            "ov_classifier.bg_embed", "clip_visual_extractor.positional_embedding"))
+        assert trainable == san.count_trainable(wrapper)
+        if preset == "paper":
+            assert round(trainable / 1e6, 2) == 8.37  # official training log of san_vit_b_16
+            assert len(official) == 442  # the keys of the released san_vit_b_16.pth (papers file)
+
+
+def test_convert_py_writes_a_checkpoint_that_eval_loads(tiny, monkeypatch):
+    cfg, official, tmp = tiny
+    src, dst = tmp / "san_tiny.pth", tmp / "out" / "ckpt.pt"
+    torch.save({"model": official, "iteration": 1}, src)
+    monkeypatch.setattr(san, "PRESETS", {**san.PRESETS, "tiny": cfg})
+    assert convert.convert("san", src, dst, preset="tiny") == "tiny"
+    with pytest.raises(FileExistsError):
+        convert.convert("san", src, dst, preset="tiny")
+    ckpt = torch.load(dst, map_location="cpu", weights_only=True)
+    assert ckpt["model_name"] == "san" and ckpt["config"]["clip_model"] == cfg.clip_model
+    wrapper = san.build_model(san.Config(**ckpt["config"]), pretrained=False)
+    wrapper.load_state_dict(ckpt["model"])
+    by_hand = place_by_hand(cfg, official)
+    image = {"image": torch.rand(1, 3, 64, 48)}
+    assert torch.allclose(wrapper.eval().predict(image, ["a", "b"]), by_hand.predict(image, ["a", "b"]), atol=1e-6)
+    import eval as evaluation  # and eval.py segments a photo with it, with any vocabulary
+    from PIL import Image
+    Image.fromarray((torch.rand(40, 56, 3) * 255).byte().numpy()).save(tmp / "photo.png")
+    evaluation.main(["--ckpt", str(dst), "--image", str(tmp / "photo.png"), "--vocab", "cat, grass", "--out", str(tmp)])
+    assert (tmp / "photo_overlay.png").is_file() and (tmp / "photo_proposals.png").is_file()
+
+
+def test_san_test_protocol_resizes_the_short_side_and_back(tiny):
+    cfg, official, _ = tiny
+    resized = san.resize_short_side(torch.rand(1, 3, 480, 1000), 640, 2560)
+    assert resized.shape[-2:] == (640, 1333)  # detectron2: int(1000 * 640 / 480 + 0.5)
+    assert san.resize_short_side(torch.rand(1, 3, 100, 1000), 640, 2560).shape[-2:] == (256, 2560)  # long side cap
+    wrapper = place_by_hand(dataclasses.replace(cfg, test_short_side=96), official)
+    scores = wrapper.predict({"image": torch.rand(1, 3, 40, 60)}, ["a", "b"])
+    assert scores.shape == (1, 2, 40, 60)
+
+
+def test_san_training_crops_are_padded_with_grey_128():
+    import data
+    assert san.PRESETS["paper"].pad_value == 128  # official MaskFormerSemanticDatasetMapper: F.pad(..., value=128)
+    image, label = torch.full((3, 30, 40), 200, dtype=torch.uint8), torch.ones(30, 40, dtype=torch.int64)
+    t = data.TrainTransform(crop_size=64, base_size=0, scale_range=(1.0, 1.0), pad_value=128)
+    out_image, out_label = t(image, label)
+    pad = out_label == data.IGNORE
+    assert pad.sum() == 64 * 64 - 30 * 40
+    assert torch.allclose(out_image[:, pad], torch.tensor(128 / 255)) and (out_image[:, ~pad] != 128 / 255).all()
+
+
+# ----------------------------------------------------------------------------------------------------------------------
+# ANN: a plain-PyTorch restatement of the official modules (MendelXu/ANN at f4eabeb), their names and their forward
+# ----------------------------------------------------------------------------------------------------------------------
+def bn_relu(c):  # ModuleHelper.BNReLU
+    return nn.Sequential(nn.BatchNorm2d(c), nn.ReLU())
+
+
+class OfficialBottleneck(nn.Module):  # models/backbones/resnet/resnet_models.py
+    def __init__(self, inplanes, planes, stride=1, downsample=None):
+        super().__init__()
+        self.conv1, self.bn1 = nn.Conv2d(inplanes, planes, 1, bias=False), nn.BatchNorm2d(planes)
+        self.conv2, self.bn2 = nn.Conv2d(planes, planes, 3, stride, 1, bias=False), nn.BatchNorm2d(planes)
+        self.conv3, self.bn3 = nn.Conv2d(planes, planes * 4, 1, bias=False), nn.BatchNorm2d(planes * 4)
+        self.downsample = downsample
+
+    def forward(self, x):
+        out = F.relu(self.bn1(self.conv1(x)))
+        out = F.relu(self.bn2(self.conv2(out)))
+        out = self.bn3(self.conv3(out))
+        return F.relu(out + (x if self.downsample is None else self.downsample(x)))
+
+
+def nostride_dilate(m, dilate):  # DilatedResnetBackbone._nostride_dilate
+    if isinstance(m, nn.Conv2d):
+        if m.stride == (2, 2):
+            m.stride = (1, 1)
+            if m.kernel_size == (3, 3):
+                m.dilation, m.padding = (dilate // 2,) * 2, (dilate // 2,) * 2
+        elif m.kernel_size == (3, 3):
+            m.dilation, m.padding = (dilate,) * 2, (dilate,) * 2
+
+
+class OfficialDilatedDeepbaseResNet101(nn.Module):  # deepbase_resnet101_dilated8, multi_grid (1, 1, 1)
+    def __init__(self):
+        super().__init__()
+        from collections import OrderedDict
+        self.prefix = nn.Sequential(OrderedDict([
+            ("conv1", nn.Conv2d(3, 64, 3, 2, 1, bias=False)), ("bn1", nn.BatchNorm2d(64)), ("relu1", nn.ReLU()),
+            ("conv2", nn.Conv2d(64, 64, 3, 1, 1, bias=False)), ("bn2", nn.BatchNorm2d(64)), ("relu2", nn.ReLU()),
+            ("conv3", nn.Conv2d(64, 128, 3, 1, 1, bias=False)), ("bn3", nn.BatchNorm2d(128)), ("relu3", nn.ReLU())]))
+        self.maxpool = nn.MaxPool2d(3, 2, 1, ceil_mode=True)
+        self.inplanes = 128
+        self.layer1, self.layer2 = self.make_layer(64, 3), self.make_layer(128, 4, 2)
+        self.layer3, self.layer4 = self.make_layer(256, 23, 2), self.make_layer(512, 3, 2)
+        self.layer3.apply(lambda m: nostride_dilate(m, 2))
+        for block in self.layer4:
+            block.apply(lambda m: nostride_dilate(m, 4))
+
+    def make_layer(self, planes, blocks, stride=1):
+        down = None
+        if stride != 1 or self.inplanes != planes * 4:
+            down = nn.Sequential(nn.Conv2d(self.inplanes, planes * 4, 1, stride, bias=False),
+                                 nn.BatchNorm2d(planes * 4))
+        layers = [OfficialBottleneck(self.inplanes, planes, stride, down)]
+        self.inplanes = planes * 4
+        return nn.Sequential(*layers, *[OfficialBottleneck(self.inplanes, planes) for _ in range(1, blocks)])
+
+    def forward(self, x):
+        x = self.layer2(self.layer1(self.maxpool(self.prefix(x))))
+        res4 = self.layer3(x)
+        return res4, self.layer4(res4)
+
+
+class OfficialAttention(nn.Module):  # afnb/apnb _SelfAttentionBlock with PSPModule (1, 3, 6, 8)
+    def __init__(self, low, high, key, value, out, shared):
+        super().__init__()
+        self.kc, self.vc = key, value
+        self.f_key = nn.Sequential(nn.Conv2d(low, key, 1), bn_relu(key))
+        self.f_query = self.f_key if shared else nn.Sequential(nn.Conv2d(high, key, 1), bn_relu(key))
+        self.f_value, self.W = nn.Conv2d(low, value, 1), nn.Conv2d(value, out, 1)
+
+    def forward(self, low, high):
+        n, _, h, w = high.shape
+        psp = lambda x: torch.cat([F.adaptive_avg_pool2d(x, s).view(n, x.shape[1], -1) for s in (1, 3, 6, 8)], -1)
+        value = psp(self.f_value(low)).permute(0, 2, 1)
+        query = self.f_query(high).view(n, self.kc, -1).permute(0, 2, 1)
+        sim = F.softmax(self.kc ** -0.5 * torch.matmul(query, psp(self.f_key(low))), dim=-1)
+        context = torch.matmul(sim, value).permute(0, 2, 1).contiguous().view(n, self.vc, h, w)
+        return self.W(context)
+
+
+class OfficialAFNB(nn.Module):
+    def __init__(self):
+        super().__init__()
+        self.stages = nn.ModuleList([OfficialAttention(1024, 2048, 256, 256, 2048, shared=False)])
+        self.conv_bn_dropout = nn.Sequential(nn.Conv2d(4096, 2048, 1), nn.BatchNorm2d(2048), nn.Dropout2d(0.05))
+
+    def forward(self, low, high):
+        return self.conv_bn_dropout(torch.cat([self.stages[0](low, high), high], 1))
+
+
+class OfficialAPNB(nn.Module):
+    def __init__(self):
+        super().__init__()
+        self.stages = nn.ModuleList([OfficialAttention(512, 512, 256, 256, 512, shared=True)])
+        self.conv_bn_dropout = nn.Sequential(nn.Conv2d(1024, 512, 1), bn_relu(512), nn.Dropout2d(0.05))
+
+    def forward(self, x):
+        return self.conv_bn_dropout(torch.cat([self.stages[0](x, x), x], 1))
+
+
+class OfficialANN(nn.Module):  # models/seg/nets/annn.py asymmetric_non_local_network
+    def __init__(self, num_classes=19):
+        super().__init__()
+        self.backbone, self.fusion = OfficialDilatedDeepbaseResNet101(), OfficialAFNB()
+        self.context = nn.Sequential(nn.Conv2d(2048, 512, 3, 1, 1), bn_relu(512), OfficialAPNB())
+        self.cls = nn.Conv2d(512, num_classes, 1)
+        self.dsn = nn.Sequential(nn.Conv2d(1024, 512, 3, 1, 1), bn_relu(512), nn.Dropout2d(0.05),
+                                 nn.Conv2d(512, num_classes, 1))
+
+    def forward(self, x_):  # x_: BGR 0-255 minus the mean
+        res4, res5 = self.backbone(x_)
+        aux = F.interpolate(self.dsn(res4), x_.shape[2:], mode="bilinear", align_corners=True)
+        x = F.interpolate(self.cls(self.context(self.fusion(res4, res5))), x_.shape[2:], mode="bilinear",
+                          align_corners=True)
+        return aux, x
+
+
+@pytest.fixture(scope="module")
+def official_ann():
+    torch.manual_seed(0)
+    net = OfficialANN().eval()
+    with torch.no_grad():  # random BN statistics and a non-zero W, so that every tensor matters
+        for m in net.modules():
+            if isinstance(m, nn.BatchNorm2d):
+                m.running_mean.uniform_(-0.1, 0.1), m.running_var.uniform_(0.5, 1.5)
+                m.weight.uniform_(0.5, 1.5), m.bias.uniform_(-0.1, 0.1)
+            elif isinstance(m, nn.Conv2d):
+                m.weight.mul_(0.5 if m.kernel_size == (1, 1) else 1.0)
+        for stage in (net.fusion.stages[0], net.context[2].stages[0]):
+            nn.init.normal_(stage.W.weight, std=0.01), nn.init.normal_(stage.W.bias, std=0.01)
+    return net
+
+
+def test_ann_released_model_converts_and_matches_the_official_forward(official_ann, tmp_path):
+    state = {f"module.{k}": v for k, v in official_ann.state_dict().items()}  # saved from DataParallel
+    assert "module.context.2.stages.0.f_query.1.0.running_var" in state  # the shared module is saved twice
+    src, dst = tmp_path / "fs_annn_cityscapes_segohem_latest.pth", tmp_path / "ann" / "ckpt.pt"
+    torch.save({"state_dict": state, "config_dict": {}, "runner_state": {"performance": np.float64(0.799)}}, src)
+    assert convert.convert("ann", src, dst) == "paper_deepstem"  # preset told from the deep stem
+    ckpt = torch.load(dst, map_location="cpu", weights_only=True)
+    import ann
+    cfg = ann.Config(**ckpt["config"])
+    ours = ann.build_model(cfg, pretrained=False).eval()
+    ours.load_state_dict(ckpt["model"])
+    n_official = sum(p.numel() for p in official_ann.parameters())  # parameters() counts the shared f_key once
+    assert n_official == sum(p.numel() for p in ours.parameters())
+    rgb = torch.rand(1, 3, 47, 61)  # odd sizes: the ceil-mode max-pool matters
+    bgr = rgb.flip(1) * 255 - torch.tensor(ann.CAFFE_BGR_MEAN).view(1, 3, 1, 1)
+    with torch.no_grad():
+        aux_official, main_official = official_ann(bgr)
+        main, aux = ours.logits(rgb)
+    assert torch.allclose(main, main_official, atol=1e-4, rtol=1e-4)
+    assert torch.allclose(aux, aux_official, atol=1e-4, rtol=1e-4)
+
+
+def test_ann_bad_keys_are_listed(official_ann):
+    import ann
+    state = dict(official_ann.state_dict())
+    state["context.2.stages.0.f_query.0.weight"] = state["context.2.stages.0.f_query.0.weight"] + 1  # not shared
+    del state["cls.bias"]
+    state["head.weight"] = torch.zeros(1)
+    with pytest.raises(ValueError) as e:
+        ann.convert_official_state_dict(state, ann.PRESETS["paper_deepstem"])
+    msg = str(e.value)
+    assert "2 unknown, 1 missing" in msg and "head.weight" in msg and "net.classifier.bias" in msg
+    assert "f_query.0.weight (differs from its f_key twin)" in msg
+
+
+def test_ann_deepstem_imagenet_weights_load_from_a_local_file(official_ann, tmp_path):
+    """CSAIL's 3x3resnet101-imagenet.pth layout: the official loader puts conv1..3/bn1..3 under `prefix.`."""
+    import ann
+    imagenet = {k.removeprefix("prefix."): v for k, v in official_ann.backbone.state_dict().items()}
+    imagenet.update({"fc.weight": torch.zeros(1000, 2048), "fc.bias": torch.zeros(1000)})
+    torch.save(imagenet, tmp_path / "3x3resnet101-imagenet.pth")
+    backbone = ann.Backbone("deepbase_resnet101", str(tmp_path / "3x3resnet101-imagenet.pth"))
+    ours = backbone.state_dict()
+    for key, value in official_ann.backbone.state_dict().items():
+        assert torch.equal(ours[key.replace("prefix.", "stem.")], value), key
