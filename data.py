@@ -5,6 +5,10 @@ exposes `.class_names` (verbatim names, used as prompts by the open-vocabulary m
 the classes seen in training for zero-shot splits, else None). Models normalise images themselves, each with its own
 mean/std.
 
+Every pose-transfer dataset (ToyPeople, PoseFolder) yields pairs {"source", "target": float32 (3, H, W) in [0, 1],
+"source_keypoints", "target_keypoints": float32 (18, 2) (y, x), -1 = missing, "source_pose", "target_pose": float32
+(18, H, W) heatmaps} and states `.repad` (white columns added before SSIM), `.masked_metrics`, `.inception_score`.
+
 Ignore label: 255 (IGNORE) everywhere, except in the two label sets with more than 255 classes, PC-459 and ADE-847.
 There 255 is a real class, so their labels keep the 65535 (IGNORE_16BIT) that detectron2 stores in the 16-bit TIFFs,
 as the official SAN registration declares. Real datasets state theirs as `.ignore_index`; read it with

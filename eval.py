@@ -319,7 +319,7 @@ def plot_semseg(wrapper, dataset, png, device, n=4):
 
 
 def draw_skeleton(keypoints, height, width):
-    """(H, W, 3) float image of the pose: the 19 OpenPose limbs in their colours on black, joints as dots."""
+    """(H, W, 3) float image of the pose: the 19 OpenPose limbs in hues on black, joints as white pixels."""
     import matplotlib
     image = np.zeros((height, width, 3))
     kp = np.asarray(keypoints, np.float64)
@@ -332,7 +332,8 @@ def draw_skeleton(keypoints, height, width):
                 if 0 <= y < height and 0 <= x < width:
                     image[y, x] = colour
     for y, x in kp[ok].astype(int):
-        image[max(y - 1, 0):y + 2, max(x - 1, 0):x + 2] = 1.0
+        if 0 <= y < height and 0 <= x < width:
+            image[y, x] = 1.0
     return image
 
 
