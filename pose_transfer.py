@@ -12,15 +12,16 @@ the pose code is updated by concatenating the new image code to it. A decoder tu
 Two discriminators judge it: D_A on (image, condition image) for appearance, D_S on (image, target heatmaps) for
 shape. Loss: L1 + perceptual L1 (VGG19 conv1_2) + the two GAN losses.
 
-File map (reading order):
-  Config, PRESETS (market, deepfashion, paper = market, toy) ... Sec. 4.1 and the official scripts/train_star.sh
-  encoder ..................................................... Sec. 3.1, Fig. 2 (two pathways, 2 downsamplings)
-  PATB ........................................................ Sec. 3.1 "Pose-Attentional Transfer Block", Eq. 1-3
-  APATB ....................................................... TPAMI Sec. 3 (reconstructed, see below)
-  ResnetBlock (the "no attention" ablation) ................... Sec. 4.4, Table 3 "ResNet blocks instead of PATBs"
-  PATNGenerator, ResnetDiscriminator .......................... Sec. 3.1-3.2
-  losses: GAN, L1 + perceptual ................................ Sec. 3.3, Eq. 4-6
-  ImagePool, PoseTransfer (training wrapper, one call per optimizer) ... Sec. 4.1 (training details)
+File map (reading order; "Eq. n" numbers this file's formulas in the order the paper's method section presents
+them: the PDF was not at hand to check its own numbering):
+  Config, PRESETS (market, deepfashion, paper = market, toy) ... the official scripts/train_star.sh
+  encoder ..................................................... two pathways, two stride-2 downsamplings
+  PATB ........................................................ the Pose-Attentional Transfer Block, Eq. 1-3
+  APATB ....................................................... the journal's aligned block (reconstructed, below)
+  ResnetBlock ................................................. the ablation "ResNet blocks instead of PATBs"
+  PATNGenerator, ResnetDiscriminator .......................... the generator; D_A and D_S
+  losses: GAN, L1 + perceptual ................................ Eq. 4-6
+  ImagePool, PoseTransfer (training wrapper, one call per optimizer) ... training details
   build_model, __main__ self-check
 
 Differences from the official code (each also said at its line):
