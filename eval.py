@@ -486,7 +486,9 @@ def transfer_pose(wrapper, cfg, image_path, pose_path, out_dir, device):
 def main(argv=None):
     import data
     from checkpoint import config_from_checkpoint, load_checkpoint, load_model_module
-    parser = argparse.ArgumentParser(prog="eval.py", description=__doc__.split("\n\n")[0])
+    parser = argparse.ArgumentParser(
+        prog="eval.py", description=__doc__.split("\n\n")[0],
+        usage="%(prog)s --ckpt CKPT [--data-root DIR] [--image IMG [--vocab NAMES] | --source IMG --target-pose JSON]")
     parser.add_argument("--ckpt", required=True, help="a ckpt.pt written by train.py")
     parser.add_argument("--model", help="fail unless the checkpoint is of this model")
     parser.add_argument("--data-root", help="root of the real datasets (default: the one stored in the checkpoint)")
