@@ -654,7 +654,7 @@ POSE_TREES = {"market": """<root>/market_data/            (tengteng95/Pose-Trans
 ├── test/<name>.jpg                (bounding_box_test)
 ├── market-annotation-{train,test}.csv   name:keypoints_y:keypoints_x, JSON lists of 18 ints, -1 = missing
 └── market-pairs-{train,test}.csv        from,to""",
-              "deepfashion": """<root>/fashion_data/           (tengteng95/Pose-Transfer's tool/generate_fashion_datasets.py)
+              "deepfashion": """<root>/fashion_data/    (Pose-Transfer's tool/generate_fashion_datasets.py)
 ├── train/<name>.jpg               176 x 256 In-shop images, flattened names
 ├── test/<name>.jpg
 ├── fasion-resize-annotation-{train,test}.csv   name:keypoints_y:keypoints_x

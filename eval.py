@@ -233,7 +233,8 @@ def evaluate_pose(wrapper, dataset, device, rank=0, world=1, batch_size=16):
     return out
 
 
-EVALUATORS = {"semseg": evaluate_semseg, "clip": evaluate_clip, "pose": evaluate_pose}  # TASK -> fn(wrapper, dataset, device, rank, world)
+# TASK -> fn(wrapper, dataset, device, rank, world)
+EVALUATORS = {"semseg": evaluate_semseg, "clip": evaluate_clip, "pose": evaluate_pose}
 
 
 def evaluate(wrapper, task, eval_sets, device, rank=0, world=1):
@@ -365,7 +366,8 @@ def plot_pose(wrapper, dataset, png, device, n=6):
     plt.close(fig)
 
 
-PLOTTERS = {"semseg": plot_semseg, "pose": plot_pose}  # TASK -> fn(wrapper, dataset, png, device): train.py's predictions.png
+# TASK -> fn(wrapper, dataset, png, device): train.py's predictions.png
+PLOTTERS = {"semseg": plot_semseg, "pose": plot_pose}
 
 
 def read_image(path):
