@@ -5,6 +5,7 @@
     python bench.py --model ann --size 96x96 --with-fusion       # whole blocks, with the concat + fusion conv
     python bench.py --model ann --toy-table runs/ann_none runs/ann_nl runs/ann_apnb
     python bench.py --model san                                  # SAN's trainable parameters, 640 px inference
+    python bench.py --model pose_transfer                        # PATN generator: 41.37M, time/memory per image
 
 What is measured, for one block at batch 1, in eval mode under torch.no_grad:
   - GFLOPs: torch.utils.flop_counter.FlopCounterMode, which counts matmul and convolution FLOPs as 2 x multiply-adds
@@ -234,7 +235,49 @@ def bench_san(args):
         del wrapper
 
 
-BENCHES = {"ann": bench_ann, "san": bench_san}  # model name -> function(args)
+# ----------------------------------------------------------------------------------------------------------------------
+# PATN: the generator's parameters (official Market generator: 41.37M), time and memory per image
+# ----------------------------------------------------------------------------------------------------------------------
+def bench_pose_transfer(args):
+    """Generator parameters of PATB / APATB / ResNet-block generators at the official settings, then one image's
+    forward at Market's 128x64 (BatchNorm) and DeepFashion's 256x176 (InstanceNorm). With --toy-table: the metrics of
+    train.py runs (e.g. the three toy generators) as a markdown table."""
+    import pose_transfer as pt
+    if args.toy_table:
+        lines = ["| block | generator params | SSIM | mask-SSIM | L1 |", "|---|---|---|---|---|"]
+        for run_dir in args.toy_table:
+            raw = json.loads((Path(run_dir) / "config.json").read_text())
+            cfg = replace(pt.PRESETS["toy"], **{k: tuple(v) if isinstance(v, list) else v for k, v in raw.items()
+                                                if k in {f.name for f in fields(pt.Config)}})
+            m = json.loads((Path(run_dir) / "metrics.json").read_text())
+            n = sum(p.numel() for p in pt.PATNGenerator(cfg).parameters())
+            get = lambda k: m.get(f"{cfg.eval_datasets[0]}/{k}", float("nan"))  # noqa: E731
+            lines.append(f"| {cfg.block} | {n / 1e6:.2f}M | {get('SSIM'):.3f} | {get('mask-SSIM'):.3f} | "
+                         f"{get('L1'):.3f} |")
+        print("\n".join(lines))
+        return lines
+    device = torch.device(args.device)
+    runs = args.runs or (20 if device.type == "cuda" else 3)
+    print(f"PATN generator, random weights, batch 1, eval, no_grad, {device.type}, median of {runs} run(s).")
+    print("| preset | block | input (H x W) | generator params | GFLOPs | peak memory (MiB) | time (ms) |")
+    print("|---|---|---|---|---|---|---|")
+    for preset in ("market", "deepfashion"):
+        for block in ("patb", "apatb", "resnet"):
+            cfg = replace(pt.PRESETS[preset], block=block)
+            torch.manual_seed(0)
+            g = pt.PATNGenerator(cfg).to(device).eval()
+            n = sum(p.numel() for p in g.parameters())
+            H, W = cfg.image_size
+            x = (torch.rand(1, 3, H, W, device=device), torch.rand(1, 18, H, W, device=device),
+                 torch.rand(1, 18, H, W, device=device))
+            r = measure(lambda: g(*x), device, runs)
+            note = " (official 41.37M)" if preset == "market" and block == "patb" else ""
+            print(f"| {preset} | {block} | {H} x {W} | {n / 1e6:.2f}M{note} | {r['gflops']:.1f} | "
+                  f"{r['peak_mib']:.0f} | {r['ms']:.0f} |")
+            del g
+
+
+BENCHES = {"ann": bench_ann, "san": bench_san, "pose_transfer": bench_pose_transfer}  # model name -> function(args)
 
 
 def main(argv=None):
@@ -246,7 +289,8 @@ def main(argv=None):
     parser.add_argument("--runs", type=int, default=0, help="timed runs (default: 20 on CUDA, 1 on CPU)")
     parser.add_argument("--with-fusion", action="store_true", help="ann: time whole blocks, with the fusion conv")
     parser.add_argument("--toy-table", nargs="+", metavar="RUN_DIR",
-                        help="ann: mIoU of train.py runs beside their context blocks' cost, as a markdown table")
+                        help="ann: mIoU of train.py runs beside their context blocks' cost; pose_transfer: SSIM, "
+                             "mask-SSIM and L1 of train.py runs; as a markdown table")
     args = parser.parse_args(argv)
     return BENCHES[args.model](args)
 

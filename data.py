@@ -5,6 +5,10 @@ exposes `.class_names` (verbatim names, used as prompts by the open-vocabulary m
 the classes seen in training for zero-shot splits, else None). Models normalise images themselves, each with its own
 mean/std.
 
+Every pose-transfer dataset (ToyPeople, PoseFolder) yields pairs {"source", "target": float32 (3, H, W) in [0, 1],
+"source_keypoints", "target_keypoints": float32 (18, 2) (y, x), -1 = missing, "source_pose", "target_pose": float32
+(18, H, W) heatmaps} and states `.repad` (white columns added before SSIM), `.masked_metrics`, `.inception_score`.
+
 Ignore label: 255 (IGNORE) everywhere, except in the two label sets with more than 255 classes, PC-459 and ADE-847.
 There 255 is a real class, so their labels keep the 65535 (IGNORE_16BIT) that detectron2 stores in the 16-bit TIFFs,
 as the official SAN registration declares. Real datasets state theirs as `.ignore_index`; read it with
@@ -15,7 +19,9 @@ Contents, in reading order:
      - ToyContext: the class of an object is decided by a far-away cue, so only long-range context solves it (ANN).
      - ToyShapes: colour x shape objects with seen/unseen splits (SAN, zsseg), and ToyShapesCaptions, the captioned
        images the toy CLIP is pre-trained on.
-  2. Real datasets in the layouts that the official repos / detectron2 / mmseg preparation scripts write.
+     - ToyPeople: pairs of one synthetic person in two poses, with 18 keypoints and their heatmaps (PATN).
+  2. Real datasets in the layouts that the official repos / detectron2 / mmseg preparation scripts write (and the
+     pose-transfer pairs of Market-1501 and DeepFashion, PoseFolder).
   3. Training transforms (random scale, crop, flip, photometric) on image + mask with torchvision.transforms.v2.
   4. build_dataset(name, split, cfg): the one entry point train.py and eval.py use.
 """
@@ -212,6 +218,168 @@ class ToyShapesCaptions(Dataset):
             names = names[::-1]
         template = self.TEMPLATES[rng.integers(len(self.TEMPLATES))]
         return {"image": image, "caption": template.format(" and a ".join(names)), "classes": drawn}
+
+
+# Pose transfer (PATN): 18 COCO-order keypoints as OpenPose writes them, (y, x) rows and columns, -1 = not detected.
+KEYPOINTS = ("nose", "neck", "Rsho", "Relb", "Rwri", "Lsho", "Lelb", "Lwri", "Rhip", "Rkne", "Rank", "Lhip", "Lkne",
+             "Lank", "Leye", "Reye", "Lear", "Rear")
+MISSING = -1
+
+
+def keypoint_heatmaps(keypoints, height, width, sigma=6.0):
+    """(18, H, W) float32 Gaussians exp(-d^2 / (2 sigma^2)), one channel per keypoint, over the whole image (the
+    official tool/pose_utils.cords_to_map, sigma 6 at Market's 128 x 64); a missing keypoint (y or x = -1) gives an
+    all-zero channel. keypoints: (18, 2) (y, x)."""
+    kp = torch.as_tensor(keypoints, dtype=torch.float32)
+    yy = torch.arange(height, dtype=torch.float32)[None, :, None]
+    xx = torch.arange(width, dtype=torch.float32)[None, None, :]
+    d2 = (yy - kp[:, 0, None, None]) ** 2 + (xx - kp[:, 1, None, None]) ** 2  # (18, H, W)
+    missing = ((kp[:, 0] == MISSING) | (kp[:, 1] == MISSING))[:, None, None]
+    return torch.exp(-d2 / (2 * sigma**2)).masked_fill(missing, 0.0)
+
+
+def _segment_distance(yy, xx, a, b):
+    """(H, W) distance of every pixel to the segment a-b ((y, x) points)."""
+    d = np.subtract(b, a)
+    t = np.clip(((yy - a[0]) * d[0] + (xx - a[1]) * d[1]) / max(float(d @ d), 1e-6), 0, 1)
+    return np.hypot(yy - a[0] - t * d[0], xx - a[1] - t * d[1])
+
+
+def _polygon_inside(yy, xx, points):
+    """(H, W) signed distance inside a convex polygon ((y, x) vertices in order; > 0 inside)."""
+    p = np.asarray(points, np.float64)
+    (ay, ax), (by, bx) = p[1] - p[0], p[2] - p[0]
+    if ay * bx - ax * by < 0:
+        p = p[::-1]
+    inside = np.full(yy.shape, np.inf)
+    for a, b in zip(p, np.roll(p, -1, 0)):
+        e = (b - a) / max(np.hypot(*(b - a)), 1e-6)
+        inside = np.minimum(inside, (xx - a[1]) * e[0] - (yy - a[0]) * e[1])
+    return inside
+
+
+class ToyPeople(Dataset):
+    """Synthetic people for pose transfer (the PATN toy): pairs of the same person in two poses.
+
+    A person is a figure drawn from the 18 keypoints: capsule limbs, a polygon torso, a round head with hair, in a
+    random pose (arm and leg angles) seen from a random viewpoint (a yaw angle: front, back or side views, which hide
+    the face keypoints a detector would miss), with one appearance kept across the pair: skin, hair, a shirt (plain,
+    striped or mottled; short or long sleeves), trousers, shoes, a background colour. Each keypoint is also dropped
+    with probability 3%, as a detector misses joints. Deterministic by (seed, split, index), generated on the fly.
+    Items as PoseFolder's: source/target images (3, H, W) in [0, 1], their (18, 2) keypoints and (18, H, W) heatmaps.
+    """
+
+    repad = 0  # DeepFashion-style white re-padding before SSIM (none here)
+    masked_metrics, inception_score = True, False  # 64 x 32 pixels are too small for Inception
+
+    def __init__(self, split="train", size=(64, 32), sigma=3.0, length=None, seed=0):
+        self.split, (self.H, self.W), self.sigma, self.seed = split, size, sigma, seed
+        self.length = length or (100_000 if split == "train" else 128)
+
+    def __len__(self):
+        return self.length
+
+    def _appearance(self, rng):
+        hue = lambda: np.clip(rng.uniform(0.05, 0.95, 3), 0, 1)  # noqa: E731
+        skin = np.array([0.95, 0.78, 0.62]) * rng.uniform(0.45, 1.0)
+        return dict(skin=skin, hair=rng.uniform(0.05, 0.5) * np.array([1.0, 0.8, 0.6]), shirt=hue(), shirt2=hue(),
+                    pattern=rng.choice(["plain", "stripes", "mottled"]), period=rng.uniform(3, 6) * self.H / 64,
+                    long_sleeves=rng.random() < 0.5, trousers=hue() * rng.uniform(0.3, 1.0), shoes=hue() * 0.3,
+                    background=rng.uniform(0.3, 0.85, 3), build=rng.uniform(0.85, 1.15))
+
+    def _pose(self, rng, build):
+        """(18, 2) float (y, x) keypoints, and whether the face is seen from the front, back or side."""
+        H, W = self.H, self.W
+        s = H * rng.uniform(0.78, 0.9)  # head top to ankles
+        cx, top = W / 2 + rng.uniform(-0.08, 0.08) * W, (H - s) / 2 + rng.uniform(-0.04, 0.04) * H
+        yaw = rng.uniform(0, 2 * np.pi)
+        c, sn = np.cos(yaw), np.sin(yaw)
+        kp = np.full((18, 2), float(MISSING))
+        neck = np.array([top + 0.17 * s, cx])
+        kp[1] = neck
+        width = 0.12 * s * build * np.sign(c) * max(abs(c), 0.35)  # signed: + = person faces the camera
+        kp[2], kp[5] = neck + [0.02 * s, -width], neck + [0.02 * s, width]  # Rsho on the viewer's left when facing
+        kp[8], kp[11] = neck + [0.33 * s, -0.6 * width], neck + [0.33 * s, 0.6 * width]
+
+        def limb(start, angle, length):  # angle from straight down, positive towards +x
+            return start + length * np.array([np.cos(angle), np.sin(angle)])
+
+        for sho, elb, wri, side in ((2, 3, 4, -np.sign(width)), (5, 6, 7, np.sign(width))):
+            a1 = side * np.deg2rad(rng.uniform(-25, 120))
+            kp[elb] = limb(kp[sho], a1, 0.17 * s)
+            kp[wri] = limb(kp[elb], a1 + side * np.deg2rad(rng.uniform(-30, 110)), 0.15 * s)
+        for hip, kne, ank, side in ((8, 9, 10, -np.sign(width)), (11, 12, 13, np.sign(width))):
+            a1 = side * np.deg2rad(rng.uniform(-12, 30))
+            kp[kne] = limb(kp[hip], a1, 0.25 * s)
+            kp[ank] = limb(kp[kne], a1 + np.deg2rad(rng.uniform(-25, 25)), 0.24 * s)
+        head = np.array([top + 0.085 * s, cx])
+        view = "front" if c > 0.3 else "back" if c < -0.3 else "side"
+        e, r = 0.035 * s, 0.065 * s
+        if view == "front":
+            kp[0] = head + [0.015 * s, 0]
+            kp[14], kp[15], kp[16], kp[17] = head + [-0.01 * s, e], head + [-0.01 * s, -e], head + [0, r], head - [0, r]
+        elif view == "back":
+            kp[16], kp[17] = head + [0, -r], head + [0, r]  # ears only, mirrored
+        else:  # side: the nose, one eye and one ear, towards where the person looks
+            d = np.sign(sn) or 1.0
+            kp[0] = head + [0.015 * s, d * 0.07 * s]
+            kp[14 if d > 0 else 15] = head + [-0.01 * s, d * 0.045 * s]
+            kp[16 if d > 0 else 17] = head + [0, -d * 0.01 * s]
+        return kp, head, view, s
+
+    def _render(self, rng, look, kp, head, view, s):
+        H, W = self.H, self.W
+        yy, xx = np.mgrid[:H, :W].astype(np.float64)
+        image = look["background"][:, None, None] * _noise_texture(rng, max(H, W), 1.0, 0.06)[None, :H, :W]
+        image = np.repeat(image, 1, 0) * np.ones((3, 1, 1))
+
+        def paint(alpha, colour):
+            nonlocal image
+            colour = colour if np.ndim(colour) == 3 else np.asarray(colour)[:, None, None]
+            image = alpha[None] * colour + (1 - alpha[None]) * image
+
+        def capsule(a, b, radius, colour):
+            paint(np.clip(radius - _segment_distance(yy, xx, a, b) + 0.5, 0, 1), colour)
+
+        if look["pattern"] == "stripes":
+            band = ((yy + rng.uniform(0, 10)) // look["period"]) % 2
+            shirt = np.where(band[None] > 0, look["shirt"][:, None, None], look["shirt2"][:, None, None])
+        elif look["pattern"] == "mottled":
+            shirt = look["shirt"][:, None, None] * _noise_texture(rng, max(H, W), 1.0, 0.25)[None, :H, :W]
+        else:
+            shirt = look["shirt"][:, None, None] * np.ones((3, H, W))
+        limb_r = 0.045 * s * look["build"]
+        for hip, kne, ank in ((8, 9, 10), (11, 12, 13)):
+            capsule(kp[hip], kp[kne], limb_r * 1.2, look["trousers"])
+            capsule(kp[kne], kp[ank], limb_r, look["trousers"])
+            capsule(kp[ank], kp[ank] + [0.02 * s, 0], limb_r * 0.9, look["shoes"])
+        paint(np.clip(_polygon_inside(yy, xx, [kp[2], kp[5], kp[11], kp[8]]) + 0.5 + 0.02 * s, 0, 1), shirt)
+        for sho, elb, wri in ((2, 3, 4), (5, 6, 7)):
+            capsule(kp[sho], kp[elb], limb_r, shirt)
+            capsule(kp[elb], kp[wri], limb_r * 0.85, shirt if look["long_sleeves"] else look["skin"])
+            capsule(kp[wri], kp[wri], limb_r * 0.9, look["skin"])
+        capsule(kp[1], head, 0.035 * s, look["skin"])
+        d_head = np.hypot(yy - head[0], xx - head[1])
+        head_r = 0.075 * s
+        paint(np.clip(head_r - d_head + 0.5, 0, 1), look["skin"] if view != "back" else look["hair"])
+        if view != "back":  # hair on the upper part of the head
+            paint(np.clip(head_r - d_head + 0.5, 0, 1) * np.clip(head[0] - 0.02 * s - yy + 0.5, 0, 1), look["hair"])
+        return np.clip(image, 0, 1).astype(np.float32)
+
+    def __getitem__(self, index):
+        rng = _rng(self.seed, self.split, index)
+        look = self._appearance(rng)
+        item = {}
+        for which in ("source", "target"):
+            kp, head, view, s = self._pose(rng, look["build"])
+            image = self._render(rng, look, kp, head, view, s)
+            kp = np.round(kp)  # OpenPose writes integer pixels
+            outside = (kp[:, 0] < 0) | (kp[:, 0] >= self.H) | (kp[:, 1] < 0) | (kp[:, 1] >= self.W)
+            kp[outside | (rng.random(18) < 0.03)] = MISSING
+            kp = torch.from_numpy(kp.astype(np.float32))
+            item.update({which: torch.from_numpy(image), f"{which}_keypoints": kp,
+                         f"{which}_pose": keypoint_heatmaps(kp, self.H, self.W, self.sigma)})
+        return item
 
 
 # ----------------------------------------------------------------------------------------------------------------------
@@ -432,6 +600,81 @@ def real_dataset(name, split, data_root):
     raise FileNotFoundError(expected("not found; missing " + ", ".join(map(str, missing))))
 
 
+class PoseFolder(Dataset):
+    """Pose-transfer pairs in the official Pose-Transfer layout (tengteng95/Pose-Transfer, data/keypoint.py).
+
+    Images come from <root>/<phase>/<name>; keypoints from the ':'-separated annotation csv (header
+    name:keypoints_y:keypoints_x, each a JSON list of 18 ints, -1 = missing); pairs from the pair csv (header from,to).
+    Heatmaps are computed on the fly from the csv (sigma 6) instead of read from the <phase>K/*.npy files, which the
+    official heatmap script writes from the same csv (for DeepFashion as uint8, truncating them to one-hot points: we
+    use the float Gaussians the script intends). Items as ToyPeople's.
+    """
+
+    def __init__(self, root, phase, annotation_csv, pairs_csv, sigma=6.0, repad=0, masked_metrics=False):
+        import csv
+        import json
+        self.root, self.phase, self.sigma = Path(root), phase, sigma
+        self.repad, self.masked_metrics, self.inception_score = repad, masked_metrics, True
+        with open(annotation_csv, newline="") as f:
+            rows = list(csv.DictReader(f, delimiter=":"))
+        if not rows or not {"name", "keypoints_y", "keypoints_x"} <= rows[0].keys():
+            raise ValueError(f"{annotation_csv}: expected a ':'-separated csv with header name:keypoints_y:keypoints_x")
+        self.keypoints = {r["name"]: np.stack([json.loads(r["keypoints_y"]), json.loads(r["keypoints_x"])], 1)
+                          for r in rows}
+        with open(pairs_csv, newline="") as f:
+            self.pairs = [(r["from"], r["to"]) for r in csv.DictReader(f)]
+        if not self.pairs:
+            raise ValueError(f"{pairs_csv}: no pairs (expected a csv with header from,to)")
+        for name in {n for pair in self.pairs for n in pair}:
+            if name not in self.keypoints:
+                raise ValueError(f"{pairs_csv} names {name!r}, which {annotation_csv} does not annotate")
+
+    def __len__(self):
+        return len(self.pairs)
+
+    def __getitem__(self, index):
+        item = {}
+        for which, name in zip(("source", "target"), self.pairs[index]):
+            image = torch.from_numpy(read_file(self.root / self.phase / name, lambda im: im.convert("RGB")))
+            image = image.permute(2, 0, 1).float() / 255  # (3, H, W)
+            kp = torch.from_numpy(self.keypoints[name].astype(np.float32))
+            item.update({which: image, f"{which}_keypoints": kp,
+                         f"{which}_pose": keypoint_heatmaps(kp, *image.shape[1:], self.sigma)})
+        return item
+
+
+# name -> (folder under data_root, annotation csv, pair csv, white columns re-padded before SSIM, masked metrics)
+POSE_DATASETS = {
+    "market": ("market_data", "market-annotation-{phase}.csv", "market-pairs-{phase}.csv", 0, True),
+    "deepfashion": ("fashion_data", "fasion-resize-annotation-{phase}.csv", "fasion-resize-pairs-{phase}.csv", 40,
+                    False),  # "fasion": the official files' spelling
+}
+POSE_TREES = {"market": """<root>/market_data/            (tengteng95/Pose-Transfer's README: Market-1501 renamed)
+├── train/<name>.jpg               128 x 64 (bounding_box_train)
+├── test/<name>.jpg                (bounding_box_test)
+├── market-annotation-{train,test}.csv   name:keypoints_y:keypoints_x, JSON lists of 18 ints, -1 = missing
+└── market-pairs-{train,test}.csv        from,to""",
+              "deepfashion": """<root>/fashion_data/    (Pose-Transfer's tool/generate_fashion_datasets.py)
+├── train/<name>.jpg               176 x 256 In-shop images, flattened names
+├── test/<name>.jpg
+├── fasion-resize-annotation-{train,test}.csv   name:keypoints_y:keypoints_x
+└── fasion-resize-pairs-{train,test}.csv        from,to"""}
+
+
+def pose_dataset(name, split, data_root, sigma):
+    """The PoseFolder of `name` ("market" or "deepfashion"): split "train" -> train/, "val" -> test/ (the papers
+    evaluate on the test pairs). A missing file raises FileNotFoundError that draws the expected layout."""
+    folder, annotation, pairs, repad, masked = POSE_DATASETS[name]
+    phase = "train" if split == "train" else "test"
+    root = Path(data_root).expanduser().resolve() / folder
+    needed = [root / phase, root / annotation.format(phase=phase), root / pairs.format(phase=phase)]
+    absent = [str(p) for p in needed if not p.exists()]
+    if absent:
+        raise FileNotFoundError(f"dataset {name!r} (split {split!r}): missing {', '.join(absent)}\nExpected layout:\n"
+                                + POSE_TREES[name].replace("<root>", str(root.parent)))
+    return PoseFolder(root, phase, needed[1], needed[2], sigma, repad, masked)
+
+
 # ----------------------------------------------------------------------------------------------------------------------
 # 3. Training transforms
 # ----------------------------------------------------------------------------------------------------------------------
@@ -506,8 +749,13 @@ def build_dataset(name, split, cfg):
         "toy_shapes_seen": lambda: ToyShapes(split, cfg.crop_size, "seen", seed=seed),
         "toy_shapes_captions": lambda: ToyShapesCaptions(split, cfg.crop_size, seed=seed),
     }
+    if name == "toy_people":
+        return ToyPeople(split, tuple(cfg.image_size), cfg.heatmap_sigma, seed=seed,
+                         length=getattr(cfg, "toy_val_pairs", None) if split == "val" else None)
     if name in toy:
         return toy[name]()
+    if name in POSE_DATASETS:
+        return pose_dataset(name, split, cfg.data_root, cfg.heatmap_sigma)
     if name in REAL_DATASETS:
         dataset = real_dataset(name, split, cfg.data_root)
         if split == "train":
@@ -515,4 +763,5 @@ def build_dataset(name, split, cfg):
                                                getattr(cfg, "aspect_range", (1.0, 1.0)), dataset.ignore_index,
                                                getattr(cfg, "pad_value", 0))
         return dataset
-    raise ValueError(f"unknown dataset {name!r}; known: {', '.join(sorted(toy) + sorted(REAL_DATASETS))}")
+    known = sorted(toy) + ["toy_people"] + sorted(REAL_DATASETS) + sorted(POSE_DATASETS)
+    raise ValueError(f"unknown dataset {name!r}; known: {', '.join(known)}")

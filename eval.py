@@ -3,13 +3,15 @@
     python eval.py --ckpt runs/ann/ckpt.pt                              # the config's evaluation sets
     python eval.py --ckpt runs/san/ckpt.pt --data-root datasets           # real data in another folder
     python eval.py --ckpt runs/san/ckpt.pt --image my.jpg --vocab "cat,dog,grass"
+    python eval.py --ckpt runs/pose_transfer/ckpt.pt --source person.jpg --target-pose keypoints.json
 
 The model is rebuilt from the configuration stored in the checkpoint (checkpoint.py); no other flag is needed. What
 is measured and drawn follows the model file's TASK: EVALUATORS[task] computes the metrics, PLOTTERS[task] draws
 train.py's predictions.png.
 
 Contents: semantic-segmentation metrics (detectron2's SemSegEvaluator definitions, plus the generalized zero-shot
-seen / unseen / harmonic split of zsseg) -> evaluation loops and EVALUATORS -> plots and PLOTTERS -> command line.
+seen / unseen / harmonic split of zsseg) -> evaluation loops, the pose-transfer metrics (SSIM, mask-SSIM, L1, IS as
+the official Pose-Transfer scripts compute them) and EVALUATORS -> plots and PLOTTERS -> command line.
 """
 import argparse
 import json
@@ -68,7 +70,8 @@ def segmentation_metrics(conf, class_names=None, seen=None):
 
 def format_metrics(metrics, sep=" | "):
     """The headline numbers on one line (per-class IoUs stay in metrics.json)."""
-    return sep.join(f"{k} {v:.2f}" for k, v in metrics.items() if "/IoU/" not in k) or "(no evaluation datasets)"
+    return sep.join(f"{k} {v:.3f}" if abs(v) <= 1 else f"{k} {v:.2f}" for k, v in metrics.items() if "/IoU/" not in k) \
+        or "(no evaluation datasets)"  # SSIM-like scores in [0, 1] get 3 decimals
 
 
 # ----------------------------------------------------------------------------------------------------------------------
@@ -108,7 +111,130 @@ def evaluate_clip(wrapper, dataset, device, rank=0, world=1):
     return {"zero_shot_acc": 100 * counts[0].item() / max(counts[1].item(), 1)}
 
 
-EVALUATORS = {"semseg": evaluate_semseg, "clip": evaluate_clip}  # TASK -> fn(wrapper, dataset, device, rank, world)
+# ----------------------------------------------------------------------------------------------------------------------
+# Pose-transfer metrics, as the official tool/getMetrics_{market,fashion}.py compute them
+# ----------------------------------------------------------------------------------------------------------------------
+LIMB_SEQ = ((1, 2), (1, 5), (2, 3), (3, 4), (5, 6), (6, 7), (1, 8), (8, 9), (9, 10), (1, 11), (11, 12), (12, 13),
+            (1, 0), (0, 14), (14, 16), (0, 15), (15, 17), (2, 16), (5, 17))  # tool/pose_utils.py, for drawing
+# produce_ma_mask's 23 segments (0-based): the skeleton plus the torso box (hips and shoulders cross-linked)
+MASK_LIMBS = ((1, 2), (1, 5), (2, 3), (3, 4), (5, 6), (6, 7), (1, 8), (8, 9), (9, 10), (1, 11), (11, 12), (12, 13),
+              (1, 0), (0, 14), (14, 16), (0, 15), (15, 17), (1, 16), (1, 17), (8, 11), (11, 5), (8, 2), (16, 17))
+
+
+def to_uint8(image):
+    """(3, H, W) float in [0, 1] -> (H, W, 3) uint8, as the official test.py saves its outputs."""
+    return (image.clamp(0, 1) * 255).round().byte().permute(1, 2, 0).cpu().numpy()
+
+
+def repad(image, columns):
+    """DeepFashion's re-padding: `columns` white columns on each side (176 -> 256 wide) before SSIM and IS."""
+    return np.pad(image, ((0, 0), (columns, columns), (0, 0)), constant_values=255) if columns else image
+
+
+def pose_ssim(generated, target):
+    """SSIM of two (H, W, 3) uint8 images with the official arguments: Gaussian window sigma 1.5, population
+    covariance, RGB channels, and data_range = the GENERATED image's max - min (the official quirk)."""
+    from skimage.metrics import structural_similarity
+    data_range = max(int(generated.max()) - int(generated.min()), 1)  # a flat image: 1 (officially a division by 0)
+    return structural_similarity(target, generated, gaussian_weights=True, sigma=1.5, use_sample_covariance=False,
+                                 channel_axis=2, data_range=data_range)
+
+
+def limb_mask(keypoints, height, width, radius=4):
+    """(H, W) bool mask of the target person for mask-SSIM (official produce_ma_mask): each of the 23 segments as a
+    quadrilateral of half-width `radius`, a disk of `radius` at every joint, then a 5x5 dilation and a 5x5 erosion.
+    keypoints: (18, 2) (y, x), -1 = missing."""
+    from skimage.draw import disk, polygon
+    from skimage.morphology import dilation, erosion
+    kp = np.asarray(keypoints, np.float64)
+    missing = (kp == -1).any(1)
+    mask = np.zeros((height, width), bool)
+    for f, t in MASK_LIMBS:
+        if missing[f] or missing[t]:
+            continue
+        d = kp[f] - kp[t]
+        if not d.any():
+            continue
+        normal = radius * np.array([-d[1], d[0]]) / np.linalg.norm(d)
+        corners = np.stack([kp[f] + normal, kp[f] - normal, kp[t] - normal, kp[t] + normal])
+        mask[polygon(corners[:, 0], corners[:, 1], shape=(height, width))] = True
+    for y, x in kp[~missing]:
+        mask[disk((y, x), radius, shape=(height, width))] = True
+    return erosion(dilation(mask, np.ones((5, 5), bool)), np.ones((5, 5), bool))
+
+
+def inception_score(images, device):
+    """(mean, std) Inception Score of a list of (H, W, 3) uint8 images with torch-fidelity (10 splits; its Inception
+    is the TensorFlow inception-2015-12-05 graph the papers used, ported); None when its weights cannot be had."""
+    try:
+        import torch_fidelity
+        stacked = torch.from_numpy(np.stack(images)).permute(0, 3, 1, 2).contiguous()  # (N, 3, H, W) uint8
+        m = torch_fidelity.calculate_metrics(input1=_Images(stacked),
+                                             isc=True, isc_splits=10, batch_size=64, cuda=device.type == "cuda",
+                                             verbose=False, save_cpu_ram=True)
+        return m["inception_score_mean"], m["inception_score_std"]
+    except Exception as e:  # offline: torch.hub cannot download the weights
+        print(f"note: Inception Score skipped: torch-fidelity could not load its Inception weights ({type(e).__name__}"
+              f": {str(e)[:120]}); put weights-inception-2015-12-05-6726825d.pth (from the torch-fidelity v0.2.0 "
+              "release) in $TORCH_HOME/hub/checkpoints/ to compute it", file=sys.stderr)
+        return None
+
+
+class _Images(torch.utils.data.Dataset):
+    """uint8 (3, H, W) images, the input torch-fidelity takes."""
+
+    def __init__(self, images):
+        self.images = images
+
+    def __len__(self):
+        return len(self.images)
+
+    def __getitem__(self, i):
+        return self.images[i]
+
+
+@torch.no_grad()
+def evaluate_pose(wrapper, dataset, device, rank=0, world=1, batch_size=16):
+    """SSIM, mask-SSIM (on datasets with `masked_metrics`, Market), L1 (on the [-1, 1] scale), and the Inception
+    Score / mask-IS (on datasets with `inception_score`), averaged over the pairs; pairs are split over ranks."""
+    sums, generated, masked = torch.zeros(4, dtype=torch.float64), [], []
+    indices = list(range(rank, len(dataset), world))
+    for start in tqdm(range(0, len(indices), batch_size), desc="eval", leave=False,
+                      disable=rank != 0 or not sys.stderr.isatty()):
+        items = [dataset[i] for i in indices[start:start + batch_size]]
+        batch = {k: torch.stack([it[k] for it in items]).to(device) for k in ("source", "source_pose", "target_pose")}
+        for item, fake in zip(items, wrapper.predict(batch).float().cpu()):
+            gen, tgt = to_uint8(fake), to_uint8(item["target"])
+            l1 = np.abs(gen / 127.5 - tgt / 127.5).mean()  # 2 (x / 255 - 0.5) on both sides
+            mssim = 0.0
+            if dataset.masked_metrics:  # Market (never re-padded)
+                m = limb_mask(item["target_keypoints"].numpy(), *item["target"].shape[1:])[..., None]  # (H, W, 1)
+                mssim = pose_ssim(gen * m, tgt * m)
+                masked.append(gen * m)
+            gen, tgt = repad(gen, dataset.repad), repad(tgt, dataset.repad)
+            sums += torch.tensor([pose_ssim(gen, tgt), mssim, l1, 1.0], dtype=torch.float64)
+            generated.append(gen)
+    if world > 1:
+        sums = sums.to(device)
+        dist.all_reduce(sums)
+        gathered = [None] * world
+        dist.all_gather_object(gathered, (generated, masked) if dataset.inception_score else ([], []))
+        generated, masked = sum((g for g, _ in gathered), []), sum((m for _, m in gathered), [])
+    n = max(sums[3].item(), 1)
+    out = {"SSIM": sums[0].item() / n, "L1": sums[2].item() / n}
+    if dataset.masked_metrics:
+        out["mask-SSIM"] = sums[1].item() / n
+    if dataset.inception_score and rank == 0:
+        score = inception_score(generated, device)
+        if score is not None:
+            out["IS"] = score[0]
+            if masked:
+                out["mask-IS"] = inception_score(masked, device)[0]
+    return out
+
+
+# TASK -> fn(wrapper, dataset, device, rank, world)
+EVALUATORS = {"semseg": evaluate_semseg, "clip": evaluate_clip, "pose": evaluate_pose}
 
 
 def evaluate(wrapper, task, eval_sets, device, rank=0, world=1):
@@ -162,9 +288,9 @@ def plot_losses(log_jsonl, png):
         axes[0].plot([r["step"] for r in losses], [r[key] for r in losses], label=key)
     axes[0].set(xlabel="iteration", ylabel="loss", yscale="log", title="training losses")
     for key in [k for k in (evals[0] if evals else {}) if k.rsplit("/", 1)[-1] in
-                ("mIoU", "mIoU_seen", "mIoU_unseen", "hIoU", "zero_shot_acc")]:
+                ("mIoU", "mIoU_seen", "mIoU_unseen", "hIoU", "zero_shot_acc", "SSIM", "mask-SSIM")]:
         axes[1].plot([r["step"] for r in evals], [r[key] for r in evals], "o-", label=key)
-    axes[1].set(xlabel="iteration", ylabel="%", title="evaluation")
+    axes[1].set(xlabel="iteration", ylabel="% (SSIM: 0-1)", title="evaluation")
     for ax in axes:
         if ax.lines:
             ax.legend(fontsize=8)
@@ -193,7 +319,55 @@ def plot_semseg(wrapper, dataset, png, device, n=4):
     plt.close(fig)
 
 
-PLOTTERS = {"semseg": plot_semseg}  # TASK -> fn(wrapper, dataset, png, device): train.py's predictions.png
+def draw_skeleton(keypoints, height, width):
+    """(H, W, 3) float image of the pose: the 19 OpenPose limbs in hues on black, joints as white pixels."""
+    import matplotlib
+    image = np.zeros((height, width, 3))
+    kp = np.asarray(keypoints, np.float64)
+    ok = ~(kp == -1).any(1)
+    colours = [matplotlib.colormaps["hsv"](i / len(LIMB_SEQ))[:3] for i in range(len(LIMB_SEQ))]
+    for (f, t), colour in zip(LIMB_SEQ, colours):
+        if ok[f] and ok[t]:
+            for a in np.linspace(0, 1, 2 * int(np.hypot(*(kp[t] - kp[f]))) + 2):
+                y, x = np.round(kp[f] + a * (kp[t] - kp[f])).astype(int)
+                if 0 <= y < height and 0 <= x < width:
+                    image[y, x] = colour
+    for y, x in kp[ok].astype(int):
+        if 0 <= y < height and 0 <= x < width:
+            image[y, x] = 1.0
+    return image
+
+
+@torch.no_grad()
+def plot_pose(wrapper, dataset, png, device, n=6):
+    """Rows of (source, target pose, generated, ground truth) for the first n pairs of `dataset`, two per row."""
+    plt = _pyplot()
+    wrapper.eval()
+    n = min(n, len(dataset))
+    items = [dataset[i] for i in range(n)]
+    batch = {k: torch.stack([it[k] for it in items]).to(device) for k in ("source", "source_pose", "target_pose")}
+    fakes = wrapper.predict(batch).float().cpu()
+    H, W = items[0]["target"].shape[1:]
+    cols = 2
+    rows = (n + cols - 1) // cols
+    fig, axes = plt.subplots(rows, 4 * cols, figsize=(4 * cols * 1.3 * W / H * 2, rows * 2.6), squeeze=False)
+    titles = ("source", "target pose", "generated", "ground truth")
+    for i, (item, fake) in enumerate(zip(items, fakes)):
+        panels = (item["source"].permute(1, 2, 0).numpy(), draw_skeleton(item["target_keypoints"].numpy(), H, W),
+                  fake.permute(1, 2, 0).numpy(), item["target"].permute(1, 2, 0).numpy())
+        for j, (panel, title) in enumerate(zip(panels, titles)):
+            ax = axes[i // cols, 4 * (i % cols) + j]
+            ax.imshow(panel, interpolation="nearest")
+            ax.set_title(title, fontsize=8)
+    for ax in axes.flat:
+        ax.axis("off")
+    fig.tight_layout()
+    fig.savefig(png, dpi=100)
+    plt.close(fig)
+
+
+# TASK -> fn(wrapper, dataset, png, device): train.py's predictions.png
+PLOTTERS = {"semseg": plot_semseg, "pose": plot_pose}
 
 
 def read_image(path):
@@ -256,20 +430,79 @@ def segment_image(wrapper, image_path, vocab, out_dir, device, top=6):
     return written
 
 
+def read_pose_json(path):
+    """{"source": 18 x [y, x], "target": 18 x [y, x]} (pixels of the source image, -1 = missing) -> two (18, 2)
+    arrays; a missing file or a malformed one is a clear error."""
+    try:
+        poses = json.loads(Path(path).read_text())
+    except FileNotFoundError:
+        raise FileNotFoundError(f"no keypoint file at {path}") from None
+    except json.JSONDecodeError as e:
+        raise ValueError(f"{path} is not JSON ({e})") from None
+    try:
+        out = [np.asarray(poses[k], np.float32) for k in ("source", "target")]
+        assert all(a.shape == (18, 2) for a in out)
+    except (KeyError, AssertionError, TypeError, ValueError):
+        raise ValueError(f"{path}: expected {{\"source\": [[y, x] x 18], \"target\": [[y, x] x 18]}}, the keypoints "
+                         "(rows y, columns x, in the source image's pixels, -1 = missing) in the COCO-18 / OpenPose "
+                         "order nose, neck, Rsho, Relb, Rwri, Lsho, Lelb, Lwri, Rhip, Rkne, Rank, Lhip, Lkne, Lank, "
+                         "Leye, Reye, Lear, Rear; \"source\" is the person's pose in the image") from None
+    return out
+
+
+@torch.no_grad()
+def transfer_pose(wrapper, cfg, image_path, pose_path, out_dir, device):
+    """Generate the person of `image_path` in the target pose of `pose_path` (read_pose_json). The image is resized to
+    the model's image_size and the keypoints with it. Writes <stem>_posed.png and <stem>_posed_panel.png."""
+    import data
+    from PIL import Image
+    plt = _pyplot()
+    image = read_image(image_path)  # (3, h, w)
+    source_kp, target_kp = read_pose_json(pose_path)
+    H, W = cfg.image_size
+    scale = np.array([H / image.shape[1], W / image.shape[2]], np.float32)
+    source_kp, target_kp = [np.where(kp == -1, -1, np.round(kp * scale)) for kp in (source_kp, target_kp)]
+    image = torch.nn.functional.interpolate(image[None], (H, W), mode="bilinear", antialias=True)[0].clamp(0, 1)
+    heat = [data.keypoint_heatmaps(kp, H, W, cfg.heatmap_sigma) for kp in (source_kp, target_kp)]
+    wrapper.eval()
+    fake = wrapper.predict({"source": image[None].to(device), "source_pose": heat[0][None].to(device),
+                            "target_pose": heat[1][None].to(device)})[0].float().cpu()
+    stem = Path(image_path).stem
+    written = [Path(out_dir) / f"{stem}_posed.png", Path(out_dir) / f"{stem}_posed_panel.png"]
+    Image.fromarray(to_uint8(fake)).save(written[0])
+    fig, axes = plt.subplots(1, 3, figsize=(6, 3 * H / W / 1.6))
+    for ax, panel, title in zip(axes, (image.permute(1, 2, 0).numpy(), draw_skeleton(target_kp, H, W),
+                                       fake.permute(1, 2, 0).numpy()), ("source", "target pose", "generated")):
+        ax.imshow(panel, interpolation="nearest")
+        ax.set_title(title, fontsize=9)
+        ax.axis("off")
+    fig.tight_layout()
+    fig.savefig(written[1], dpi=100)
+    plt.close(fig)
+    return written
+
+
 # ----------------------------------------------------------------------------------------------------------------------
 # Command line
 # ----------------------------------------------------------------------------------------------------------------------
 def main(argv=None):
     import data
     from checkpoint import config_from_checkpoint, load_checkpoint, load_model_module
-    parser = argparse.ArgumentParser(prog="eval.py", description=__doc__.split("\n\n")[0])
+    parser = argparse.ArgumentParser(
+        prog="eval.py", description=__doc__.split("\n\n")[0],
+        usage="%(prog)s --ckpt CKPT [--data-root DIR] [--image IMG [--vocab NAMES] | --source IMG --target-pose JSON]")
     parser.add_argument("--ckpt", required=True, help="a ckpt.pt written by train.py")
     parser.add_argument("--model", help="fail unless the checkpoint is of this model")
     parser.add_argument("--data-root", help="root of the real datasets (default: the one stored in the checkpoint)")
     parser.add_argument("--image", help="segment this image instead of evaluating")
     parser.add_argument("--vocab", help="comma-separated class names for --image (default: the training classes)")
+    parser.add_argument("--source", help="pose transfer: generate this person image in --target-pose")
+    parser.add_argument("--target-pose", help="pose transfer: a JSON file {\"source\": 18 x [y, x], \"target\": 18 x "
+                                              "[y, x]} of the source image's and the wanted keypoints (-1 = missing)")
     parser.add_argument("--out", help="folder for the outputs (default: the checkpoint's folder)")
     args = parser.parse_args(argv)
+    if bool(args.source) != bool(args.target_pose):
+        parser.error("--source and --target-pose go together")
     if args.vocab is not None and not args.image:
         parser.error("--vocab names the classes for --image; give --image too")
     try:
@@ -282,6 +515,14 @@ def main(argv=None):
         wrapper = module.build_model(cfg, pretrained=False).to(device)
         wrapper.load_state_dict(ckpt["model"])
         out = Path(args.out or Path(args.ckpt).parent)
+        if args.source:
+            if module.TASK != "pose":
+                raise ValueError(f"--source / --target-pose are for pose-transfer models; {ckpt['model_name']!r} is "
+                                 f"a {module.TASK!r} model")
+            out.mkdir(parents=True, exist_ok=True)
+            for path in transfer_pose(wrapper, cfg, args.source, args.target_pose, out, device):
+                print(f"wrote {path}")
+            return
         if args.image:
             if args.vocab is not None:
                 vocab = [v.strip() for v in args.vocab.split(",") if v.strip()]
