@@ -153,8 +153,8 @@ def plot_losses(log_jsonl, png):
     losses = [r for r in records if "loss" in r]
     evals = [r for r in records if "loss" not in r]
     fig, axes = plt.subplots(1, 2, figsize=(11, 4))
-    for key in [k for k in losses[0] if k.startswith("loss")] if losses else []:
-        axes[0].plot([r["step"] for r in losses], [r[key] for r in losses], label=key)
+    for key in dict.fromkeys(k for r in losses for k in r if k.startswith("loss")):  # a key may start later (stages)
+        axes[0].plot([r["step"] for r in losses if key in r], [r[key] for r in losses if key in r], label=key)
     axes[0].set(xlabel="iteration", ylabel="loss", yscale="log", title="training losses")
     axes[0].legend(fontsize=8)
     for key in [k for k in (evals[0] if evals else {}) if k.rsplit("/", 1)[-1] in
