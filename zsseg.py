@@ -25,7 +25,8 @@ File map (section -> paper):
 
 Differences from the official code:
   1. Backbone: torchvision's ResNet (7x7 stem, no dilation, weights by torchvision name or a local file) instead of
-     detectron2's DeepLab "R101c" (3-conv stem, multi-grid res5, R-103.pkl). Frozen BatchNorm as detectron2.
+     detectron2's DeepLab "R101c" (3-conv stem, multi-grid res5, R-103.pkl). Frozen BatchNorm as detectron2; the
+     toy's from-scratch ResNet-10 trains its BatchNorm.
   2. Stage 0 (prompt learning) runs inside the same training loop: the first `prompt_iters` steps train only the
      context vectors on GT mask crops of the training batch (official: a separate run on 32/128 sampled crops per
      class, SGD lr 0.02 cosine, RandomResizedCrop); then they are frozen and MaskFormer trains. One AdamW serves both
@@ -219,19 +220,21 @@ class PromptLearner(nn.Module):
 # ----------------------------------------------------------------------------------------------------------------------
 # MaskFormer proposal generator: backbone, pixel decoder, transformer decoder
 # ----------------------------------------------------------------------------------------------------------------------
-def build_backbone(cfg):
-    """A torchvision ResNet with frozen BatchNorm; weights by torchvision name, a local file, or "none" (stated)."""
-    norm = torchvision.ops.FrozenBatchNorm2d
+def build_backbone(cfg, pretrained=True):
+    """A torchvision ResNet; weights by torchvision name, a local file, or "none" (stated; then BatchNorm trains,
+    else it is frozen as detectron2's); random if not `pretrained` (a checkpoint follows)."""
+    scratch = cfg.backbone_weights == "none"  # BatchNorm trains from scratch; frozen on pre-trained weights
+    norm = nn.BatchNorm2d if scratch else torchvision.ops.FrozenBatchNorm2d
     if cfg.backbone == "resnet10":  # toy: one BasicBlock per stage, widths 64..512
         net = torchvision.models.resnet.ResNet(torchvision.models.resnet.BasicBlock, [1, 1, 1, 1], norm_layer=norm)
     else:
         net = torchvision.models.get_model(cfg.backbone, weights=None, norm_layer=norm)
     w = cfg.backbone_weights
-    if w == "none":
+    if pretrained and scratch:
         print(f"zsseg: backbone {cfg.backbone} trains from scratch (backbone_weights='none')")
-    elif os.path.isfile(w):
+    elif pretrained and os.path.isfile(w):
         net.load_state_dict(torch.load(w, map_location="cpu", weights_only=True))
-    else:
+    elif pretrained:
         try:
             weights = torchvision.models.get_model_weights(cfg.backbone)[w]
         except (KeyError, ValueError):
@@ -335,10 +338,10 @@ class ZeroShotMaskFormer(nn.Module):
     """Backbone -> pixel decoder (mask features at 1/4) and res5 -> 6-layer decoder over Q queries; per layer a mask
     embedding (3-layer MLP) and a class embedding (2-layer MLP to D) compared by cosine x 100 with the text."""
 
-    def __init__(self, cfg, text_dim):
+    def __init__(self, cfg, text_dim, pretrained=True):
         super().__init__()
         self.cfg = cfg
-        self.backbone = build_backbone(cfg)
+        self.backbone = build_backbone(cfg, pretrained)
         chans = [m[-1].conv3.out_channels if hasattr(m[-1], "conv3") else m[-1].conv2.out_channels
                  for m in (self.backbone.layer1, self.backbone.layer2, self.backbone.layer3, self.backbone.layer4)]
         self.pixel_decoder = PixelDecoder(chans, cfg.conv_dim, cfg.mask_dim)
@@ -509,14 +512,14 @@ def semantic_targets(labels, num_classes):
 class ZSSegWrapper(nn.Module):
     """Owns the frozen CLIP, the prompt learner, the MaskFormer (`net`) and the criterion."""
 
-    def __init__(self, cfg, clip, tokenizer):
+    def __init__(self, cfg, clip, tokenizer, pretrained=True):
         super().__init__()
         if cfg.prompt not in ("learnable", "vild", "predefined"):
             raise ValueError(f"prompt must be 'learnable', 'vild' or 'predefined', got {cfg.prompt!r}")
         self.cfg, self.clip, self.tokenizer = cfg, clip, tokenizer
         clip.requires_grad_(False)
         self.prompt = PromptLearner(clip, tokenizer, cfg.prompt_ctx) if cfg.prompt == "learnable" else None
-        self.net = ZeroShotMaskFormer(cfg, clip.visual.output_dim)
+        self.net = ZeroShotMaskFormer(cfg, clip.visual.output_dim, pretrained)
         self.criterion = SetCriterion(cfg)
         pre = getattr(clip.visual, "preprocess_cfg", {})  # CLIP's own mean/std (OpenAI's if create_model set none)
         for key, default in (("clip_mean", open_clip.OPENAI_DATASET_MEAN), ("clip_std", open_clip.OPENAI_DATASET_STD)):
@@ -638,7 +641,7 @@ class ZSSegWrapper(nn.Module):
 def build_model(cfg, pretrained=True):
     """The ZSSegWrapper; CLIP and backbone weights if `pretrained`, else random (a checkpoint follows)."""
     clip, tokenizer = load_clip(cfg, pretrained)
-    return ZSSegWrapper(cfg if pretrained else replace(cfg, backbone_weights="none"), clip, tokenizer)
+    return ZSSegWrapper(cfg, clip, tokenizer, pretrained)
 
 
 # Copied from san.count_trainable
