@@ -6,6 +6,8 @@
     python bench.py --model ann --toy-table runs/ann_none runs/ann_nl runs/ann_apnb
     python bench.py --model san                                  # SAN's trainable parameters, 640 px inference
     python bench.py --model pose_transfer                        # PATN generator: 41.37M, time/memory per image
+    python bench.py --model zsseg                                # zsseg vs SAN at 640 px, ViT-B/16 (paper: up to 19x)
+    python bench.py --model zsseg --compare runs/san runs/zsseg  # the two toy runs side by side: accuracy and speed
 
 What is measured, for one block at batch 1, in eval mode under torch.no_grad:
   - GFLOPs: torch.utils.flop_counter.FlopCounterMode, which counts matmul and convolution FLOPs as 2 x multiply-adds
@@ -277,7 +279,85 @@ def bench_pose_transfer(args):
             del g
 
 
-BENCHES = {"ann": bench_ann, "san": bench_san, "pose_transfer": bench_pose_transfer}  # model name -> function(args)
+# zsseg vs SAN: one CLIP pass per image (SAN) against one CLIP pass per proposal (zsseg); SAN paper: up to 19x faster
+# ----------------------------------------------------------------------------------------------------------------------
+def bench_zsseg(args):
+    """Both paper models (ViT-B/16, random weights) on one 640 px image: params, GFLOPs, peak memory, time, ratio.
+    Random masks are all non-empty, so zsseg classifies all 100 proposals: its worst case, the usual one in practice
+    (official: every mask with a pixel above 0.5 is cropped)."""
+    if args.compare:
+        return compare_runs(*args.compare, device=torch.device(args.device), n=args.images)
+    import san
+    import zsseg
+    device = torch.device(args.device)
+    vocab = [n.rstrip("\n") for n in (Path(__file__).parent / "class_names" / "coco_stuff_171.txt").open()]
+    h, w = map(int, (args.size if args.size != "128x256" else "640x640").lower().split("x"))
+    image = {"image": torch.rand(1, 3, h, w, device=device)}
+    runs = args.runs or (20 if device.type == "cuda" else 1)
+    print(f"Random weights, one {h}x{w} image, {len(vocab)} COCO-Stuff names (text cached), {device.type}, "
+          f"median of {runs} run(s).")
+    print("| model | trainable params | GFLOPs | peak memory (MiB) | time (ms) |")
+    print("|---|---|---|---|---|")
+    rows = {}
+    for name, module, cfg in (("SAN (ViT-B/16)", san, san.PRESETS["paper"]),
+                              ("zsseg (R101 + ViT-B/16)", zsseg, zsseg.PRESETS["paper_coco"])):
+        torch.manual_seed(0)
+        wrapper = module.build_model(cfg, pretrained=False).to(device).eval()
+        with torch.no_grad():
+            wrapper.predict(image, vocab)  # fills the text-embedding cache
+        r = rows[name] = measure(lambda: wrapper.predict(image, vocab), device, runs)
+        r["trainable"] = sum(p.numel() for p in wrapper.parameters() if p.requires_grad)
+        print(f"| {name} | {r['trainable'] / 1e6:.2f}M | {r['gflops']:.0f} | {r['peak_mib']:.0f} | {r['ms']:.0f} |")
+        del wrapper
+    s, z = rows.values()
+    print(f"zsseg / SAN: {ratio(z['gflops'], s['gflops'])} GFLOPs, {ratio(z['ms'], s['ms'])} time, "
+          f"{ratio(z['peak_mib'], s['peak_mib'])} memory (SAN paper: up to 19x faster)")
+    return rows
+
+
+def compare_runs(*run_dirs, device=torch.device("cpu"), n=16):
+    """Markdown table of train.py runs on the same toy: seen / unseen / hIoU (from metrics.json), trainable
+    parameters, and inference time per image on n validation images, measured here in one process."""
+    import data
+    try:
+        from checkpoint import config_from_checkpoint, load_checkpoint, load_model_module
+    except ImportError:  # before the shared checkpoint module
+        from train import config_from_checkpoint, load_checkpoint, load_model_module
+    lines = ["| model | seen mIoU | unseen mIoU | hIoU | trainable params | inference (ms / image) |",
+             "|---|---|---|---|---|---|"]
+    rows = []
+    for run in map(Path, run_dirs):
+        ckpt = load_checkpoint(run / "ckpt.pt")
+        module = load_model_module(ckpt["model_name"])
+        cfg = config_from_checkpoint(module, ckpt)
+        wrapper = module.build_model(cfg, pretrained=False)
+        wrapper.load_state_dict(ckpt["model"])
+        wrapper.to(device).eval()
+        metrics = json.loads((run / "metrics.json").read_text())
+        ds = data.build_dataset(cfg.eval_datasets[0], "val", cfg)
+        images = [{"image": ds[i]["image"][None].to(device)} for i in range(n)]
+        with torch.no_grad():
+            wrapper.predict(images[0], ds.class_names)  # warm-up, text cache
+            start = time.perf_counter()
+            for b in images:
+                wrapper.predict(b, ds.class_names)
+            sync(device)
+            ms = 1e3 * (time.perf_counter() - start) / n
+        key = cfg.eval_datasets[0]
+        rows.append((ckpt["model_name"], *(metrics.get(f"{key}/{m}", float("nan"))
+                                           for m in ("mIoU_seen", "mIoU_unseen", "hIoU")),
+                     sum(p.numel() for p in wrapper.parameters() if p.requires_grad), ms))
+    for name, s, u, h, params, ms in rows:
+        lines.append(f"| {name} | {s:.1f} | {u:.1f} | {h:.1f} | {params / 1e6:.2f}M | {ms:.1f} |")
+    table = "\n".join(lines)
+    print(f"{device.type}, {n} validation images at batch 1, one process; time ratio "
+          + ", ".join(f"{r[0]} / {rows[0][0]} = {ratio(r[5], rows[0][5])}" for r in rows[1:]))
+    print(table)
+    return table
+
+
+BENCHES = {"ann": bench_ann, "san": bench_san, "zsseg": bench_zsseg,
+           "pose_transfer": bench_pose_transfer}  # model name -> function(args)
 
 
 def main(argv=None):
@@ -291,6 +371,9 @@ def main(argv=None):
     parser.add_argument("--toy-table", nargs="+", metavar="RUN_DIR",
                         help="ann: mIoU of train.py runs beside their context blocks' cost; pose_transfer: SSIM, "
                              "mask-SSIM and L1 of train.py runs; as a markdown table")
+    parser.add_argument("--compare", nargs="+", metavar="RUN_DIR",
+                        help="zsseg: train.py runs (e.g. runs/san runs/zsseg) side by side: accuracy, params, speed")
+    parser.add_argument("--images", type=int, default=16, help="--compare: validation images timed per model")
     args = parser.parse_args(argv)
     return BENCHES[args.model](args)
 

@@ -406,11 +406,30 @@ CITYSCAPES_ID_TO_TRAIN_ID = np.full(256, IGNORE)
 CITYSCAPES_ID_TO_TRAIN_ID[CITYSCAPES_LABEL_IDS] = np.arange(19)  # every other labelId -> ignore
 
 
+# The zero-shot splits (zsseg.baseline's prepare scripts; the SPNet / ZS3 splits): the unseen classes, by name. A
+# `_base` set holds the other (seen) classes, relabelled 0.. in order; the full set is scored with them as seen.
+UNSEEN_CLASSES = {
+    "coco_stuff_171": ("cow", "giraffe", "suitcase", "frisbee", "skateboard", "carrot", "scissors", "cardboard",
+                       "clouds", "grass", "playingfield", "river", "road", "tree", "wall-concrete"),
+    "voc_20": ("pottedplant", "sheep", "sofa", "train", "tv"),
+}
+
+
 def class_names(name):
-    """The verbatim class names of a real dataset, in label order."""
+    """The verbatim class names of a real dataset, in label order (a `_base` set: its seen classes)."""
     if name == "cityscapes":
         return list(CITYSCAPES_CLASSES)
+    if name.endswith("_base"):
+        full = name[:-len("_base")]
+        return [n for n in class_names(full) if n not in UNSEEN_CLASSES[full]]
     return (CLASS_NAME_DIR / f"{name}.txt").read_text(encoding="utf-8").splitlines()
+
+
+def seen_classes(name):
+    """Indices of the seen classes of a dataset with a zero-shot split (the generalized protocol), else None."""
+    if name not in UNSEEN_CLASSES:
+        return None
+    return [i for i, n in enumerate(class_names(name)) if n not in UNSEEN_CLASSES[name]]
 
 
 def _files(folder, suffix):
@@ -540,17 +559,31 @@ REAL_DATASETS = {
 ├── SegmentationClassContext/<name>.png   0 = background (ignored), 1..59
 └── ImageSets/SegmentationContext/{train,val}.txt""")],
     "coco_stuff_171": [Layout(
-        "coco/{split}", "coco/stuffthingmaps_detectron2/{split}", splits=("train2017", "val2017"),
-        made_by="zsseg.baseline's / MaskFormer's datasets/prepare_coco_stuff_164k_sem_seg.py",
+        "coco/{split}", "coco/stuffthingmaps_detectron2/{split}", splits=("train2017", "val2017"), index="labels",
+        made_by="zsseg.baseline's datasets/prepare_coco_stuff_164k_sem_seg.py",
         tree="""<root>/coco/
 ├── {train2017,val2017}/<name>.jpg
-└── stuffthingmaps_detectron2/{train2017,val2017}/<name>.png   0..170, 255 = ignore""")],
+└── stuffthingmaps_detectron2/{train2017,val2017}/<name>.png   0..170, 255 = ignore
+    (an image whose map is all ignore has no label file and is not listed)""")],
+    "coco_stuff_171_base": [Layout(  # zsseg / SAN zero-shot training set: the 156 seen classes
+        "coco/{split}", "coco/stuffthingmaps_detectron2/{split}_base", splits=("train2017", "val2017"),
+        index="labels", made_by="zsseg.baseline's datasets/prepare_coco_stuff_164k_sem_seg.py",
+        tree="""<root>/coco/
+├── {train2017,val2017}/<name>.jpg
+└── stuffthingmaps_detectron2/{train2017_base,val2017_base}/<name>.png   0..155 (seen), 255 = ignore/unseen
+    (an image whose map is all ignore has no label file and is not listed)""")],
     "voc_20": [Layout(
         "VOC2012/JPEGImages", "VOC2012/annotations_detectron2/{split}", index="labels",
         made_by="SAN's datasets/prepare_voc_sem_seg.py (from SegmentationClassAug)",
         tree="""<root>/VOC2012/
 ├── JPEGImages/<name>.jpg   (every split; a split is the set of its label files)
 └── annotations_detectron2/{train,val}/<name>.png   0..19, 255 = background (ignored)""")],
+    "voc_20_base": [Layout(  # zsseg zero-shot training set: the 15 seen classes
+        "VOC2012/JPEGImages", "VOC2012/annotations_detectron2/{split}_base", index="labels",
+        made_by="zsseg.baseline's datasets/prepare_voc_sem_seg.py",
+        tree="""<root>/VOC2012/
+├── JPEGImages/<name>.jpg   (every split; a split is the set of its label files)
+└── annotations_detectron2/{train_base,val_base}/<name>.png   0..14 (seen), 255 = background/unseen""")],
     "pcontext_459": [Layout(
         "pcontext_full/{split}/image", "pcontext_full/{split}/label", label_suffixes=((".tif", None),),
         ignore_index=IGNORE_16BIT, made_by="SAN's datasets/prepare_pcontext_sem_seg_459cls.py",
@@ -593,8 +626,10 @@ def real_dataset(name, split, data_root):
             missing += absent
             continue
         try:
-            return SegFolder(needed[0], needed[1], class_names(name), lay.image_suffix, lay.label_suffixes, index,
-                             lay.ignore_index)
+            dataset = SegFolder(needed[0], needed[1], class_names(name), lay.image_suffix, lay.label_suffixes, index,
+                                lay.ignore_index)
+            dataset.seen_classes = seen_classes(name)
+            return dataset
         except FileNotFoundError as e:  # an empty folder, an image without its label
             raise FileNotFoundError(expected(str(e))) from None
     raise FileNotFoundError(expected("not found; missing " + ", ".join(map(str, missing))))

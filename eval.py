@@ -284,8 +284,8 @@ def plot_losses(log_jsonl, png):
     losses = [r for r in records if any(k.startswith("loss") for k in r)]
     evals = [r for r in records if not any(k.startswith("loss") for k in r)]
     fig, axes = plt.subplots(1, 2, figsize=(11, 4))
-    for key in [k for k in losses[0] if k.startswith("loss")] if losses else []:
-        axes[0].plot([r["step"] for r in losses], [r[key] for r in losses], label=key)
+    for key in dict.fromkeys(k for r in losses for k in r if k.startswith("loss")):  # a key may start later (stages)
+        axes[0].plot([r["step"] for r in losses if key in r], [r[key] for r in losses if key in r], label=key)
     axes[0].set(xlabel="iteration", ylabel="loss", yscale="log", title="training losses")
     for key in [k for k in (evals[0] if evals else {}) if k.rsplit("/", 1)[-1] in
                 ("mIoU", "mIoU_seen", "mIoU_unseen", "hIoU", "zero_shot_acc", "SSIM", "mask-SSIM")]:
@@ -385,8 +385,9 @@ def read_image(path):
 
 @torch.no_grad()
 def segment_image(wrapper, image_path, vocab, out_dir, device, top=6):
-    """Segment one image with a free vocabulary: an overlay PNG and, for models with mask proposals (SAN), the top
-    proposals beside their attention-bias maps. Returns the paths written."""
+    """Segment one image with a free vocabulary: an overlay PNG and, for models with mask proposals, the top
+    proposals beside their attention-bias maps (SAN) or the masked crop with the class CLIP gave it (zsseg).
+    Returns the paths written."""
     plt = _pyplot()
     image = read_image(image_path)
     batch = {"image": image[None].to(device)}
@@ -411,16 +412,23 @@ def segment_image(wrapper, image_path, vocab, out_dir, device, top=6):
     plt.close(fig)
     if hasattr(wrapper, "predict_proposals"):
         p = wrapper.predict_proposals(batch, vocab=vocab)
-        probs = p["class_probs"][0, :, :-1]  # (Q, K) without the no-object column
+        probs = p.get("ensemble_probs", p["class_probs"][..., :-1])[0]  # (Q, K) without the no-object column
         score, cls = probs.max(1)
         order = score.argsort(descending=True)[:top]
-        fig, axes = plt.subplots(2, len(order), figsize=(2.6 * len(order), 5.4), squeeze=False)
+        second = "attn_bias" in p or "clip_probs" in p  # SAN: attention bias; zsseg: CLIP's class for the crop
+        fig, axes = plt.subplots(1 + second, len(order), figsize=(2.6 * len(order), 2.7 * (1 + second)), squeeze=False)
         for j, q in enumerate(order.tolist()):
             axes[0, j].imshow(rgb)
             axes[0, j].imshow(p["masks"][0, q].cpu(), alpha=0.6, cmap="viridis", vmin=0, vmax=1)
             axes[0, j].set_title(f"q{q}: {vocab[cls[q]]} {score[q]:.2f}", fontsize=9)
-            axes[1, j].imshow(p["attn_bias"][0, :, q].mean(0).float().cpu(), cmap="magma")
-            axes[1, j].set_title("attention bias (head mean)", fontsize=8)
+            if "attn_bias" in p:
+                axes[1, j].imshow(p["attn_bias"][0, :, q].mean(0).float().cpu(), cmap="magma")
+                axes[1, j].set_title("attention bias (head mean)", fontsize=8)
+            elif "clip_probs" in p:  # the masked crop, as CLIP saw it, and the class CLIP gave it
+                mask = (p["masks"][0, q] > getattr(wrapper.cfg, "mask_thr", 0.5)).cpu().numpy()
+                axes[1, j].imshow(np.where(mask[..., None], rgb, 0.5))
+                c_score, c_cls = p["clip_probs"][0, q].max(0)
+                axes[1, j].set_title(f"CLIP crop: {vocab[c_cls]} {c_score:.2f}", fontsize=8)
             for ax in axes[:, j]:
                 ax.axis("off")
         fig.tight_layout()

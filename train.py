@@ -395,7 +395,8 @@ def train(model_name, cfg, out, resume=False, fresh=False):
         scaler.load_state_dict(ckpt["scaler"])
         set_rng_state(ckpt["rng"])
     model = DistributedDataParallel(wrapper, device_ids=[device.index] if device.type == "cuda" else None,
-                                    find_unused_parameters=several) if world > 1 else wrapper
+                                    find_unused_parameters=several or getattr(wrapper, "find_unused_parameters", False)) \
+        if world > 1 else wrapper  # a wrapper whose stages train different parts (zsseg) says so
     params = {name: [p for group in opt.param_groups for p in group["params"]] for name, opt in optimizers.items()}
 
     sampler = InfiniteSampler(len(train_set), opts.batch_size, rank, world, opts.seed, start_step)
