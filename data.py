@@ -245,18 +245,25 @@ class ToyDetection(Dataset):
     indices [0, n) labelled, [n, ...) unlabelled). annotated=False drops the boxes (unlabelled data).
     Annotation noise (training split only; evaluation always uses the clean boxes): `missing` = probability that a
     box is left out of the annotations; `shift` = std of a box edge's random shift, relative to the box's width
-    (x edges) or height (y edges), so shifted boxes are loose, tight or displaced.
+    (x edges) or height (y edges), so shifted boxes are loose, tight or displaced. Badly drawn boxes, as human
+    annotators draw them (after missing and shift, each kept box is one of three kinds): a fraction `loose` is drawn
+    loose, each edge pushed out by U(0.1, 0.35) of the box's width (x) or height (y); a fraction `displaced` is
+    moved whole by U(0.2, 0.4) of its width and height, in a random direction per axis; the rest are as drawn.
+    Boxes are clipped to the image. The noise of an image is the same every time it is read.
     """
 
     class_names, seen_classes = list(DETECTION_SHAPES), None
 
     def __init__(self, split="train", size=160, length=None, seed=0, start=0, annotated=True, missing=0.0,
-                 shift=0.0):
+                 shift=0.0, loose=0.0, displaced=0.0):
         self.split, self.size, self.seed, self.start, self.annotated = split, size, seed, start, annotated
         self.length = length or (100_000 if split == "train" else 64)
-        if (missing or shift) and split != "train":
-            raise ValueError("annotation noise (missing, shift) applies to the training split only")
-        self.missing, self.shift = missing, shift
+        if (missing or shift or loose or displaced) and split != "train":
+            raise ValueError("annotation noise (missing, shift, loose, displaced) applies to the training split only")
+        if not (0 <= loose and 0 <= displaced and loose + displaced <= 1):
+            raise ValueError(f"box noise: loose ({loose}) and displaced ({displaced}) are fractions of the boxes, "
+                             "each >= 0 and together at most 1")
+        self.missing, self.shift, self.loose, self.displaced = missing, shift, loose, displaced
 
     def __len__(self):
         return self.length
@@ -325,7 +332,22 @@ class ToyDetection(Dataset):
             boxes = boxes.clamp(0, self.size)
             keep &= ((boxes[:, 2:] - boxes[:, :2]) >= 1).all(1)
             boxes, labels = boxes[keep], labels[keep]
+        if self.annotated and (self.loose or self.displaced):
+            boxes = self.badly_drawn(boxes, np.random.default_rng([self.seed, 3, index]))
         return {"image": image, "boxes": boxes, "labels": labels, "image_id": index}
+
+    def badly_drawn(self, boxes, rng):
+        """(N, 4) boxes -> the same boxes, a fraction `loose` drawn loose and a fraction `displaced` moved (see the
+        class docstring); each box's kind is drawn independently."""
+        kind = torch.from_numpy(rng.random(len(boxes))).float()  # < loose: loose; < loose + displaced: displaced
+        wh = (boxes[:, 2:] - boxes[:, :2]).repeat(1, 2)  # (N, 4) w, h, w, h
+        margin = torch.from_numpy(rng.uniform(0.1, 0.35, (len(boxes), 4))).float() * wh * torch.tensor([-1, -1, 1, 1])
+        move = torch.from_numpy(rng.uniform(0.2, 0.4, (len(boxes), 2)) * rng.choice([-1, 1], (len(boxes), 2))).float()
+        move = move.repeat(1, 2) * wh  # (N, 4): the same shift for both edges of an axis
+        loose = (kind < self.loose)[:, None]
+        displaced = ((kind >= self.loose) & (kind < self.loose + self.displaced))[:, None]
+        boxes = boxes + loose * margin + displaced * move
+        return boxes.clamp(0, self.size)
 
 
 
@@ -831,8 +853,8 @@ class TwoStream(Dataset):
 def detection_dataset(name, split, cfg):
     """The detection datasets of build_dataset. Config fields read (each optional, default in brackets):
     image_size [160] and eval_images [64] (toy), num_labelled [32] (toy labelled images: indices [0, n) of the
-    training stream, the unlabelled ones follow), box_missing / box_shift [0] (toy annotation noise, see
-    ToyDetection), percent [10] and fold [1] (the COCO split file), num_unsup [4] (unlabelled images per labelled
+    training stream, the unlabelled ones follow), box_missing / box_shift / box_loose / box_displaced [0] (toy
+    annotation noise, see ToyDetection), percent [10] and fold [1] (the COCO split file), num_unsup [4] (unlabelled images per labelled
     one), train_scales [(400, 1200)] and max_size [1333] (short-side range and long-side cap of the views),
     sup_views [("sup",)] (the view kinds of a labelled image: one kind gives the view itself, several give
     {kind: view}, e.g. ("sup", "weak", "strong") for MixTraining's mixed views)."""
@@ -850,7 +872,8 @@ def detection_dataset(name, split, cfg):
         {k: DetectionView(k, scales, max_size) for k in kinds}
     unsup_views = {"weak": DetectionView("weak", scales, max_size), "strong": DetectionView("strong", scales, max_size)}
     if toy:
-        noise = dict(seed=get("seed", 0), missing=get("box_missing", 0.0), shift=get("box_shift", 0.0))
+        noise = dict(seed=get("seed", 0), missing=get("box_missing", 0.0), shift=get("box_shift", 0.0),
+                     loose=get("box_loose", 0.0), displaced=get("box_displaced", 0.0))
         size, n = get("image_size", 160), get("num_labelled", 32)
         labelled = ToyDetection("train", size, n if semi else None, **noise)
         unlabelled = ToyDetection("train", size, seed=get("seed", 0), start=n, annotated=False)

@@ -126,7 +126,11 @@ class Config:
     # toy data (data.py's synthetic detection world)
     image_size: int = 160  # toy image side
     eval_images: int = 64  # toy evaluation images
-    box_noise: str = ""  # annotation noise of the toy training boxes, see data.py (e.g. "missing=0.3,loose=0.2")
+    # the toy's annotation noise (data.ToyDetection; training boxes only, evaluation uses the clean ones)
+    box_missing: float = 0.0  # probability that an object has no box
+    box_shift: float = 0.0  # std of every box edge's shift, relative to the box's width / height
+    box_loose: float = 0.0  # fraction of boxes drawn loose (edges pushed out by 10-35% of the size)
+    box_displaced: float = 0.0  # fraction of boxes moved whole by 20-40% of their size
 
 
 PRESETS = {
@@ -141,7 +145,8 @@ PRESETS = {
                    rpn_test_proposals=(300, 150),
                    rois_per_image=128, batch_size=4, max_iters=600, lr_steps=(450, 550), warmup_iters=50,
                    optimizer="sgd", lr=0.02, eval_interval=600, ckpt_interval=600, log_interval=25, num_workers=1,
-                   ema_warmup=100, box_noise="missing=0.3,loose=0.15,shift=0.1"),
+                   ema_momentum=0.99, box_missing=0.3, box_shift=0.04,
+                   box_loose=0.25, box_displaced=0.15),
 }
 PRESETS["toy_si"] = replace(PRESETS["toy"], mixed=False)  # the SiTraining baseline of the toy
 

@@ -127,3 +127,35 @@ def test_one_step_learns_from_both_streams_and_predicts():
     assert "loss_strong" not in si({"sup": view, "weak": view}, step=0)
     out = model.predict({"image": view["image"]})
     assert [o["boxes"].shape[1] for o in out] == [4, 4] and all((o["labels"] >= 0).all() for o in out)
+
+
+def test_annotation_noise_removes_and_perturbs_the_fractions_it_says():
+    import data
+    clean = data.ToyDetection("train", size=96, length=60, seed=0)
+    n_boxes = sum(len(clean[i]["boxes"]) for i in range(len(clean)))
+    missing = data.ToyDetection("train", size=96, length=60, seed=0, missing=0.3)
+    kept = sum(len(missing[i]["boxes"]) for i in range(len(missing)))
+    assert n_boxes > 150 and abs(1 - kept / n_boxes - 0.3) < 0.1  # 3 binomial stds
+    noisy = data.ToyDetection("train", size=96, length=60, seed=0, loose=0.3, displaced=0.2)
+    counts = {"same": 0, "loose": 0, "displaced": 0}
+    for i in range(len(clean)):
+        a, b = clean[i], noisy[i]
+        assert torch.equal(a["image"], b["image"]) and torch.equal(a["labels"], b["labels"])
+        for box, bad in zip(a["boxes"], b["boxes"]):
+            if torch.equal(box, bad):
+                counts["same"] += 1
+            elif (bad[:2] <= box[:2]).all() and (bad[2:] >= box[2:]).all():  # encloses the object: loose
+                counts["loose"] += 1
+            else:  # moved: at most the clipping changed its size
+                counts["displaced"] += 1
+                assert ((bad[2:] - bad[:2]) <= (box[2:] - box[:2]) + 1e-4).all()
+    total = sum(counts.values())
+    assert abs(counts["loose"] / total - 0.3) < 0.1 and abs(counts["displaced"] / total - 0.2) < 0.09
+    assert noisy[3]["boxes"].tolist() == noisy[3]["boxes"].tolist()  # the same noise at every read
+    val = data.ToyDetection("val", size=96, length=4, seed=0)
+    with pytest.raises(ValueError, match="training split only"):
+        data.ToyDetection("val", size=96, loose=0.1)
+    with pytest.raises(ValueError, match="fractions"):
+        data.ToyDetection("train", size=96, loose=0.7, displaced=0.5)
+    cfg = replace(mt.PRESETS["toy"], image_size=96, eval_images=4)
+    assert torch.equal(data.build_dataset("toy_detection", "val", cfg)[2]["boxes"], val[2]["boxes"])  # clean
