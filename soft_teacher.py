@@ -87,6 +87,10 @@ class Config:
     toy_width: int = 32  # toy backbone: channels of the first stage (doubled per stage), FPN channels = 2x this
     anchor_sizes: tuple = (32, 64, 128, 256, 512)  # one anchor size per FPN level (mmdet: 8 x stride), 3 ratios each
     roi_head_dim: int = 1024  # width of the two shared FC layers of the RoI head
+    rpn_pre_nms: tuple = (2000, 1000)  # RPN boxes per image kept before NMS: (training, test)
+    rpn_post_nms: tuple = (1000, 1000)  # RPN proposals per image after NMS: (training, test)
+    rois_per_image: int = 512  # RoIs sampled per image for the RoI head's losses (25% positives at most)
+    roi_sampling_ratio: int = 0  # RoIAlign samples per bin side (0 = adaptive, as mmdet)
     # Soft Teacher (configs/soft_teacher/base.py, semi_wrapper.train_cfg)
     unsup_weight: float = 4.0  # alpha of Eq. (1): 4.0 partial COCO, 2.0 full; 0 = the supervised-only baseline
     ema_momentum: float = 0.999  # teacher EMA momentum, reached after the running-average warm-up
@@ -128,7 +132,9 @@ PRESETS = {
 # running average of the whole run).
 PRESETS["toy"] = replace(
     Config(), train_dataset="toy_detection_semi", eval_datasets=("toy_detection",), num_classes=5, backbone="toy",
-    weights="none", anchor_sizes=(16, 32, 64, 128), roi_head_dim=256, train_scales=(112, 208), max_size=400,
+    weights="none", anchor_sizes=(16, 32, 64, 128), roi_head_dim=256, rpn_pre_nms=(1000, 500), rpn_post_nms=(300, 300),
+    rois_per_image=128, roi_sampling_ratio=2,
+    train_scales=(112, 208), max_size=400,
     test_size=160, batch_size=2, num_unsup=4, max_iters=1000, lr=0.02, lr_steps=(800,), warmup_iters=100,
     ema_momentum=0.99, eval_interval=1000, log_interval=50, ckpt_interval=1000, num_workers=1, amp=False)
 # The baseline: the same labelled images, batches and iterations, no unlabelled images, no teacher.
@@ -210,14 +216,16 @@ def build_detector(cfg, pretrained=True):
     levels = len(cfg.anchor_sizes)
     anchors = AnchorGenerator(tuple((s,) for s in cfg.anchor_sizes), ((0.5, 1.0, 2.0),) * levels)
     names = [str(i) for i in range(levels - 1)]  # RoIAlign on every level but the max-pooled one (P2-P5)
-    roi_pool = MultiScaleRoIAlign(names, output_size=7, sampling_ratio=0)  # mmdet: sampling_ratio 0
+    roi_pool = MultiScaleRoIAlign(names, output_size=7, sampling_ratio=cfg.roi_sampling_ratio)
     box_head = TwoMLPHead(backbone.out_channels * 7 * 7, cfg.roi_head_dim)
     return FasterRCNN(backbone, num_classes=None, min_size=cfg.test_size, max_size=cfg.max_size,
                       rpn_anchor_generator=anchors, box_roi_pool=roi_pool, box_head=box_head,
                       box_predictor=FastRCNNPredictor(cfg.roi_head_dim, cfg.num_classes + 1),
-                      rpn_pre_nms_top_n_train=2000, rpn_post_nms_top_n_train=1000, rpn_pre_nms_top_n_test=1000,
-                      rpn_post_nms_top_n_test=1000, box_score_thresh=0.05, box_nms_thresh=0.5,
-                      box_detections_per_img=100, box_batch_size_per_image=512, box_positive_fraction=0.25)
+                      rpn_pre_nms_top_n_train=cfg.rpn_pre_nms[0], rpn_post_nms_top_n_train=cfg.rpn_post_nms[0],
+                      rpn_pre_nms_top_n_test=cfg.rpn_pre_nms[1], rpn_post_nms_top_n_test=cfg.rpn_post_nms[1],
+                      box_score_thresh=0.05, box_nms_thresh=0.5,
+                      box_detections_per_img=100, box_batch_size_per_image=cfg.rois_per_image,
+                      box_positive_fraction=0.25)
 
 
 # ----------------------------------------------------------------------------------------------------------------------
@@ -347,14 +355,15 @@ def teacher_pseudo_boxes(teacher, images, cfg):
 
 
 def split_pseudo_boxes(pseudo, cfg):
-    """The three target sets of one strong view, from its mapped pseudo boxes: RPN (score > 0.9, class-agnostic),
-    RoI classification G_cls (score > 0.9), RoI regression G_reg (uncertainty < 0.02, any score > 0.5; with
-    box_jitter off, the G_cls boxes). Each a {"boxes", "labels"} target of torchvision."""
+    """The target sets of one strong view, from its mapped pseudo boxes (dict of "boxes", "labels", "scores",
+    "uncertainty"): G_cls (score > 0.9), the targets of the RPN (class-agnostic) and of the RoI classification, and
+    G_reg (jitter uncertainty < 0.02, any score > 0.5; with box_jitter off, G_cls), the RoI regression targets.
+    Each a torchvision target {"boxes", "labels"}."""
     def subset(keep):
         return {"boxes": pseudo["boxes"][keep], "labels": pseudo["labels"][keep]}
     confident = pseudo["scores"] > cfg.cls_score_thr  # PAPER: foreground threshold 0.9
     reliable = pseudo["uncertainty"] < cfg.reg_uncertainty_thr if cfg.box_jitter else confident  # PAPER: Sec. 3.3
-    return subset(confident), subset(confident), subset(reliable)
+    return subset(confident), subset(reliable)
 
 
 # ----------------------------------------------------------------------------------------------------------------------
@@ -378,18 +387,32 @@ def box_reg_loss(box_regression, labels, regression_targets):
     return loss / max(labels.numel(), 1)
 
 
-def detector_losses(detector, images, targets, bg_weights=None):
-    """Faster R-CNN losses of `detector` on views (list of (3, h, w)) with targets (list of {"boxes", "labels"} in
-    1..K; separate regression targets with targets_reg, see below). bg_weights(rois, labels) -> (R,) weights of the
-    sampled RoIs (None: all 1, the supervised loss). Returns {rpn_cls, rpn_reg, roi_cls, roi_reg} and, for the
-    unsupervised call, a second sampling for regression (see SoftTeacher.unsup_losses)."""
+@torch.no_grad()
+def teacher_background_weights(teacher, feats, image_sizes, rois, labels, to_teacher):
+    """Sec. 3.2, the soft teacher: the weight of each sampled student RoI, 1 for a foreground RoI and, for a
+    background one, the teacher's background probability of that RoI mapped into the teacher's view.
+    feats, image_sizes: the teacher's features and view sizes; rois: list of (R_i, 4) student-view boxes; labels (R,)
+    (0 = background); to_teacher: list of 3x3 student-view -> teacher-view matrices. Returns (R,) weights."""
+    mapped = [map_boxes(r, m, size) for r, m, size in zip(rois, to_teacher, image_sizes)]
+    kept = torch.cat([k for _, k in mapped])  # a RoI with no area left in the teacher's view keeps weight 1
+    p_bg = torch.ones(len(labels), device=labels.device)
+    if kept.any():
+        p_bg[kept] = score_boxes(teacher, feats, [b for b, _ in mapped], image_sizes)[0][:, 0]  # PAPER: r_j = p_bg
+    return torch.where(labels == 0, p_bg, torch.ones_like(p_bg))
+
+
+def detector_losses(detector, images, targets, roi_weights=None):
+    """The Faster R-CNN losses of `detector` on views (list of (3, h, w)) with targets (list of {"boxes" (N, 4),
+    "labels" (N,) in 1..K}): RPN objectness and box, RoI classification (weighted by roi_weights(rois, labels) -> (R,);
+    None: all 1, plain mean CE) and box regression. Returns the losses {rpn_cls, rpn_reg, roi_cls, roi_reg} and
+    (ImageList, features, RPN proposals) for further RoI samplings on the same views."""
     views = image_list(detector, images)
     feats = detector.backbone(views.tensors)
     proposals, rpn = detector.rpn(views, feats, targets)
     rois, labels, reg_targets = sample_rois(detector, proposals, targets)
     logits, regression = roi_head_outputs(detector, feats, rois, views.image_sizes)
     labels, reg_targets = torch.cat(labels), torch.cat(reg_targets)
-    weights = torch.ones_like(logits[:, 0]) if bg_weights is None else bg_weights(rois, labels)
+    weights = torch.ones_like(logits[:, 0]) if roi_weights is None else roi_weights(rois, labels)
     return {"rpn_cls": rpn["loss_objectness"], "rpn_reg": rpn["loss_rpn_box_reg"],
             "roi_cls": soft_teacher_cls_loss(logits, labels, weights),
             "roi_reg": box_reg_loss(regression, labels, reg_targets)}, (views, feats, proposals)
@@ -447,31 +470,23 @@ class SoftTeacher(nn.Module):
         strong = [u["strong"] for u in unsup]
         self.last_unsup = [w["image"].detach() for w in weak][:4]
         pseudo, t_feats, t_views = teacher_pseudo_boxes(self.teacher, [w["image"] for w in weak], cfg)
-        rpn_t, cls_t, reg_t = [], [], []
+        cls_t, reg_t = [], []  # per strong view: G_cls (RPN and classification targets), G_reg (regression)
         for p, w, s in zip(pseudo, weak, strong):
             boxes, keep = map_boxes(p["boxes"], view_matrix(w["matrix"], s["matrix"]), s["image"].shape[-2:])
             mapped = {"boxes": boxes, **{k: p[k][keep] for k in ("labels", "scores", "uncertainty")}}
-            for sets, t in zip((rpn_t, cls_t, reg_t), split_pseudo_boxes(mapped, cfg)):
-                sets.append(t)
+            g_cls, g_reg = split_pseudo_boxes(mapped, cfg)
+            cls_t.append(g_cls)
+            reg_t.append(g_reg)
 
-        def teacher_bg_weights(rois, labels):  # PAPER: soft teacher, background RoIs weighted by teacher's p_bg
-            weights = torch.ones_like(labels, dtype=torch.float32)
+        def soft_weights(rois, labels):  # PAPER: background RoIs weighted by the teacher's background score
             if not cfg.soft_weights:
-                return weights
-            in_weak = [map_boxes(r, view_matrix(s["matrix"], w["matrix"]), w["image"].shape[-2:])
-                       for r, w, s in zip(rois, weak, strong)]
-            boxes = [b for b, _ in in_weak]
-            kept = torch.cat([k for _, k in in_weak])  # a RoI that maps to nothing keeps weight 1 (never seen here)
-            p_bg = torch.ones_like(weights)
-            if kept.any():
-                p_bg[kept] = score_boxes(self.teacher, t_feats, boxes, t_views.image_sizes)[0][:, 0]
-            bg = labels == 0
-            weights[bg] = p_bg[bg]
-            return weights
+                return torch.ones_like(labels, dtype=torch.float32)
+            to_teacher = [view_matrix(s["matrix"], w["matrix"]) for w, s in zip(weak, strong)]
+            return teacher_background_weights(self.teacher, t_feats, t_views.image_sizes, rois, labels, to_teacher)
 
         losses, (views, feats, proposals) = detector_losses(self.student, [s["image"] for s in strong], cls_t,
-                                                            teacher_bg_weights)
-        # RPN targets are the 0.9 boxes too (rpn_t == cls_t); regression gets its own sampling against G_reg.
+                                                            soft_weights)
+        # The RPN and the RoI classification learn from G_cls (above); the regression from its own sampling against G_reg.
         rois, labels, reg_targets = sample_rois(self.student, proposals, reg_t)
         _, regression = roi_head_outputs(self.student, feats, rois, views.image_sizes)
         losses["roi_reg"] = box_reg_loss(regression, torch.cat(labels), torch.cat(reg_targets))  # PAPER: G_reg
