@@ -23,13 +23,19 @@ File map (section -> paper):
   Config, PRESETS ........... Sec. 4.1 implementation details; configs/ours/mixed_faster_rcnn_r50_caffe_fpn_coco_8x.py
   colour_op, geometric_op,
   cutout, strong_view ....... Sec. 3.1 "mixed data augmentation": the strong view, made from the weak view
-  warp_boxes, warp_image .... boxes and pixels through a view's 3x3 matrix
-  build_detector ............ torchvision Faster R-CNN R50-FPN (paper) or a small FPN detector (toy)
-  rcnn_losses ............... the torchvision training step written out, with per-RoI classification weights
-  teacher_* ................. the teacher's pseudo boxes and its class probabilities for given boxes
-  mixed_targets ............. Sec. 3.2 "pseudo boxes" and the rating of the human boxes; the merge (Eq. 1-2 in words)
-  MixTraining (wrapper) ..... the training step (normal stream + 2.0 x strong stream), EMA, predict
-  export .................... mixed_targets.png: human boxes kept / dropped, pseudo boxes, merged targets
+  map_boxes, warp_image ..... boxes and pixels through a view's 3x3 matrix
+  build_detector ............ torchvision Faster R-CNN R50-FPN (paper) or a small CNN + FPN (toy)
+  image_list ... score_boxes  hooks into torchvision's detector: features, sampled RoIs, RoI scores of given boxes
+  soft_teacher_cls_loss,
+  teacher_background_weights,
+  detector_losses ........... the training step written out; background RoIs weighted by the teacher (Soft Teacher)
+  teacher_detect,
+  rate_human_boxes,
+  mixed_targets ............. Sec. 3.2: pseudo boxes, the rating of the human boxes, the merge
+  MixTraining (wrapper) ..... the training step (normal stream + 2.0 x strong stream), EMA teacher, predict
+  export .................... mixed_targets.png: human boxes kept / dropped / replaced, pseudo boxes, merged targets
+Copied from soft_teacher.py (marked, and a test keeps each copy identical): the detector, the hooks, map_boxes, the
+losses, teacher_background_weights and ema_update.
 
 Differences from the official release (each also at its line):
   1. The official strong view never warps the human boxes into its geometry (TransformAnnotation is in no config),
@@ -54,7 +60,6 @@ whose class 0 is background). Boxes are xyxy in pixels of the view they belong t
 import copy
 import math
 import os
-from collections import OrderedDict
 from dataclasses import dataclass, replace
 
 import torch
@@ -62,15 +67,16 @@ import torch.nn as nn
 import torch.nn.functional as F
 import torchvision
 from torchvision.models.detection import FasterRCNN
-from torchvision.models.detection.anchor_utils import AnchorGenerator
-from torchvision.models.detection.backbone_utils import BackboneWithFPN, _resnet_fpn_extractor
+from torchvision.models.detection.backbone_utils import BackboneWithFPN, resnet_fpn_backbone
 from torchvision.models.detection.faster_rcnn import FastRCNNPredictor, TwoMLPHead
-from torchvision.models.detection.transform import GeneralizedRCNNTransform
-from torchvision.ops import FrozenBatchNorm2d, box_iou
+from torchvision.models.detection.image_list import ImageList
+from torchvision.models.detection.rpn import AnchorGenerator
+from torchvision.ops import MultiScaleRoIAlign, box_iou, clip_boxes_to_image
+from torchvision.ops.feature_pyramid_network import LastLevelMaxPool
 from torchvision.transforms.v2 import functional as TF
 
 TASK = "detection"
-IMAGENET_MEAN, IMAGENET_STD = (0.485, 0.456, 0.406), (0.229, 0.224, 0.225)  # torchvision's, RGB on [0, 1]
+IMAGENET_MEAN = (0.485, 0.456, 0.406)  # torchvision's, RGB on [0, 1]: the fill of warped-out pixels and cutout
 
 
 # ----------------------------------------------------------------------------------------------------------------------
@@ -87,15 +93,16 @@ class Config:
     max_size: int = 1333  # long-side cap of every view
     test_size: int = 800  # short side at test time (long side <= max_size)
     num_classes: int = 80  # object classes (background excluded)
-    # detector
-    backbone: str = "resnet50"  # resnet50 (paper: Faster R-CNN R50-FPN) | toy (small FPN net, GroupNorm)
-    pretrained_backbone: str = "ResNet50_Weights.IMAGENET1K_V1"  # torchvision weights name, local .pth, "" (toy)
-    fpn_channels: int = 256  # FPN width
-    fc_dim: int = 1024  # width of the RoI head's two FC layers
-    anchor_sizes: tuple = (32, 64, 128, 256, 512)  # one anchor size per FPN level P2-P6 (ratios 0.5, 1, 2)
-    rpn_train_proposals: tuple = (2000, 1000)  # RPN proposals before / after NMS per level / image in training
-    rpn_test_proposals: tuple = (1000, 1000)  # the same at test time, and for the teacher's pseudo boxes
-    rois_per_image: int = 512  # sampled RoIs per image, 25% foreground at most
+    # detector (the fields of soft_teacher.build_detector)
+    backbone: str = "resnet50"  # "resnet50" (R50-FPN, the paper) or "toy" (a small CNN + FPN, random init)
+    weights: str = "IMAGENET1K_V1"  # resnet50 init: torchvision ResNet50_Weights name or a local .pth state dict
+    toy_width: int = 32  # toy backbone: channels of the first stage (doubled per stage), FPN channels = 2x this
+    anchor_sizes: tuple = (32, 64, 128, 256, 512)  # one anchor size per FPN level (mmdet: 8 x stride), 3 ratios each
+    roi_head_dim: int = 1024  # width of the two shared FC layers of the RoI head
+    rpn_pre_nms: tuple = (2000, 1000)  # RPN boxes per image kept before NMS: (training, test and teacher)
+    rpn_post_nms: tuple = (1000, 1000)  # RPN proposals per image after NMS: (training, test and teacher)
+    rois_per_image: int = 512  # RoIs sampled per image for the RoI head's losses (25% positives at most)
+    roi_sampling_ratio: int = 0  # RoIAlign samples per bin side (0 = adaptive, as mmdet)
     # MixTraining
     mixed: bool = True  # MixTraining (true) or the SiTraining baseline (false: normal view, human boxes only)
     pseudo_boxes: bool = True  # ablation: false = strong view on the rated human boxes only
@@ -117,6 +124,7 @@ class Config:
     schedule: str = "step"  # step: x0.1 at each of lr_steps
     lr_steps: tuple = (469_120, 645_040)  # epochs 64 and 88
     warmup_iters: int = 500  # linear warm-up (from ~0)
+    grad_clip: float = 0.0  # gradient-norm clipping (0 = none, as the paper)
     amp: bool = True  # mixed precision on CUDA
     eval_interval: int = 29_320  # iterations between evaluations (4 "epochs")
     ckpt_interval: int = 7330  # iterations between checkpoints
@@ -140,13 +148,12 @@ PRESETS = {
     "paper": Config(),
     # The CPU toy: the synthetic detection world with noisy training boxes, a small FPN detector from scratch.
     "toy": replace(Config(), train_dataset="toy_detection", eval_datasets=("toy_detection",), num_classes=5,
-                   train_scales=(128, 192), max_size=320, test_size=160, backbone="toy", pretrained_backbone="",
-                   fpn_channels=64, fc_dim=256, anchor_sizes=(16, 32, 64, 128, 256), rpn_train_proposals=(300, 150),
-                   rpn_test_proposals=(300, 150),
-                   rois_per_image=128, batch_size=4, max_iters=600, lr_steps=(450, 550), warmup_iters=50,
-                   optimizer="sgd", lr=0.02, eval_interval=600, ckpt_interval=600, log_interval=25, num_workers=1,
-                   ema_momentum=0.99, box_missing=0.3, box_shift=0.04,
-                   box_loose=0.25, box_displaced=0.15),
+                   backbone="toy", weights="none", anchor_sizes=(16, 32, 64, 128), roi_head_dim=256,
+                   rpn_pre_nms=(1000, 500), rpn_post_nms=(300, 300), rois_per_image=128, roi_sampling_ratio=2,
+                   train_scales=(112, 208), max_size=400, test_size=160, batch_size=4, max_iters=600,
+                   lr_steps=(450, 550), warmup_iters=100, lr=0.02, grad_clip=10.0, ema_momentum=0.99, eval_interval=600,
+                   ckpt_interval=600, log_interval=25, num_workers=1, amp=False,
+                   box_missing=0.3, box_shift=0.04, box_loose=0.25, box_displaced=0.15),
 }
 PRESETS["toy_si"] = replace(PRESETS["toy"], mixed=False)  # the SiTraining baseline of the toy
 
@@ -217,20 +224,19 @@ def cutout(image, fill):
     return image
 
 
-def warp_boxes(boxes, matrix, size):
-    """(N, 4) xyxy boxes through a 3x3 matrix: the box enclosing the 4 mapped corners, clipped to size = (H, W).
-    Boxes that come out empty (outside the view) keep zero width or height; callers drop them."""
+# Copied from soft_teacher.map_boxes
+def map_boxes(boxes, matrix, size):
+    """(N, 4) xyxy boxes through a 3x3 affine matrix (4 corners mapped, then enclosed), clipped to size = (H, W);
+    boxes left with no width or height are dropped. Returns (boxes (M, 4), keep (N,) bool)."""
     x1, y1, x2, y2 = boxes.unbind(-1)
-    corners = torch.stack([x1, y1, x2, y1, x1, y2, x2, y2], -1).view(-1, 4, 2)  # (N, 4, 2)
-    xy = corners @ matrix[:2, :2].T.to(boxes) + matrix[:2, 2].to(boxes)  # (N, 4, 2)
+    corners = torch.stack([torch.stack([x, y, torch.ones_like(x)], -1) for x, y in
+                           ((x1, y1), (x2, y1), (x1, y2), (x2, y2))], 1)  # (N, 4, 3)
+    xy = (corners @ matrix.T.to(boxes))[..., :2]  # (N, 4, 2)
     out = torch.cat([xy.min(1).values, xy.max(1).values], -1)  # (N, 4)
-    limit = torch.tensor([size[1], size[0], size[1], size[0]], dtype=boxes.dtype, device=boxes.device)
-    return out.clamp(min=0).minimum(limit)
-
-
-def nonempty(boxes):
-    """(N,) bool: width and height > 0."""
-    return ((boxes[:, 2:] - boxes[:, :2]) > 0).all(1)
+    out = torch.stack([out[:, 0].clamp(0, size[1]), out[:, 1].clamp(0, size[0]),
+                       out[:, 2].clamp(0, size[1]), out[:, 3].clamp(0, size[0])], -1)
+    keep = (out[:, 2] > out[:, 0]) & (out[:, 3] > out[:, 1])
+    return out[keep], keep
 
 
 def warp_image(image, matrix, fill):
@@ -247,125 +253,203 @@ def warp_image(image, matrix, fill):
 
 def strong_view(image, boxes):
     """PAPER: the strong view of a weak view (Sec. 3.1). image float (3, h, w) in [0, 1], boxes (N, 4) in the weak view
-    -> strong image (3, h, w), the human boxes warped into it (N, 4; empty ones for boxes pushed out), and the 3x3
-    matrix G from weak-view to strong-view pixels. The official pipeline: colour op, then geometric op, then cutout."""
+    -> strong image (3, h, w), the human boxes warped into it (M, 4), keep (N,) (False: pushed out of the view), and
+    the 3x3 matrix G from weak-view to strong-view pixels. The official order: colour op, geometric op, cutout."""
     h, w = image.shape[-2:]
     fill = torch.tensor(IMAGENET_MEAN, device=image.device)
     image = colour_op((image * 255).round().to(torch.uint8)).float() / 255
     G = geometric_op(h, w).to(image.device)
     image = warp_image(image, G, fill)
     # PAPER: the human boxes go through the same geometry (the official release leaves them in the unwarped frame).
-    boxes = warp_boxes(boxes, G, (h, w))
-    return cutout(image, fill), boxes, G
+    boxes, keep = map_boxes(boxes, G, (h, w))
+    return cutout(image, fill), boxes, keep, G
 
 
 # ----------------------------------------------------------------------------------------------------------------------
 # The detector: torchvision's Faster R-CNN, with resizing left to the data pipeline
 # ----------------------------------------------------------------------------------------------------------------------
-class ViewTransform(GeneralizedRCNNTransform):
-    """Normalise and pad to a multiple of 32, never resize: every view arrives at its final size, so boxes stay in the
-    pixels of their view (torchvision's transform would rescale images and boxes by itself)."""
+# Copied from soft_teacher.ToyBackbone
+class ToyBackbone(nn.Module):
+    """A small CNN (4 stride-2 stages of two 3x3 convs with GroupNorm) + FPN on strides 4, 8, 16, max-pooled to 32.
+    (B, 3, H, W) -> {"0": (B, C, H/4, W/4), "1": H/8, "2": H/16, "pool": H/32}, C = out_channels."""
 
-    def resize(self, image, target=None):
-        return image, target
+    def __init__(self, width=32):
+        super().__init__()
+        chans = [width // 2, width, 2 * width, 4 * width]
+
+        def stage(cin, cout):
+            return nn.Sequential(nn.Conv2d(cin, cout, 3, 2, 1, bias=False), nn.GroupNorm(8, cout), nn.ReLU(True),
+                                 nn.Conv2d(cout, cout, 3, 1, 1, bias=False), nn.GroupNorm(8, cout), nn.ReLU(True))
+        self.stages = nn.ModuleList([stage(cin, cout) for cin, cout in zip([3] + chans[:-1], chans)])
+        self.out_channels = 2 * width
+        self.fpn = torchvision.ops.FeaturePyramidNetwork(chans[1:], self.out_channels, LastLevelMaxPool())
+
+    def forward(self, x):
+        feats = {}
+        for i, stage in enumerate(self.stages):
+            x = stage(x)  # (B, chans[i], H / 2^(i+1), W / 2^(i+1))
+            if i > 0:
+                feats[str(i - 1)] = x
+        return self.fpn(feats)
 
 
-def load_imagenet_weights(resnet, spec):
-    """ImageNet weights into a torchvision ResNet: `spec` is a torchvision weights name or a local state-dict file."""
-    if os.path.isfile(spec):
-        state = torch.load(spec, map_location="cpu", weights_only=True)
-        state = state.get("state_dict", state.get("model", state))
-    elif spec.endswith((".pth", ".pt")):
-        raise FileNotFoundError(f"pretrained_backbone {spec!r}: no such file")
+# Copied from soft_teacher.resnet50_fpn
+def resnet50_fpn(weights):
+    """ResNet-50 + FPN with frozen BN and frozen stem + stage 1 (mmdet frozen_stages=1, norm_eval), initialised from
+    torchvision's ImageNet weights by name (e.g. IMAGENET1K_V1) or from a local state-dict file."""
+    backbone = resnet_fpn_backbone(backbone_name="resnet50", weights=None, trainable_layers=3)  # FrozenBatchNorm2d
+    if weights.endswith((".pth", ".pt")):
+        try:
+            state = torch.load(weights, map_location="cpu", weights_only=True)
+        except FileNotFoundError:
+            raise FileNotFoundError(f"no backbone weights at {weights} (expected a torchvision ResNet-50 state dict, "
+                                    "e.g. resnet50-0676ba61.pth)") from None
     else:
         try:
-            state = torchvision.models.get_weight(spec).get_state_dict(progress=False)
-        except Exception as e:  # offline, unknown name
-            raise FileNotFoundError(
-                f"could not load the ImageNet backbone weights {spec!r} ({type(e).__name__}: {e}); offline, save them "
-                f"on a machine with a network (torchvision.models.get_weight('{spec}').get_state_dict()) and pass "
-                "--pretrained_backbone PATH.pth") from e
-    missing, unexpected = resnet.load_state_dict({k: v for k, v in state.items() if not k.startswith("fc.")},
-                                                 strict=False)
-    missing = [k for k in missing if not k.startswith("fc.")]
+            state = torchvision.models.ResNet50_Weights[weights].get_state_dict(progress=True)
+        except KeyError:
+            raise ValueError(f"unknown ResNet50_Weights {weights!r}; names: "
+                             f"{', '.join(w.name for w in torchvision.models.ResNet50_Weights)}, or a .pth") from None
+        except OSError as e:  # no network
+            raise FileNotFoundError(f"cannot download ResNet50_Weights.{weights} ({e}); download it elsewhere and pass "
+                                    "--weights path/to/resnet50.pth") from None
+    state = {k: v for k, v in state.items() if not k.startswith("fc.")}
+    missing, unexpected = backbone.body.load_state_dict(state, strict=False)
     if missing or unexpected:
-        raise ValueError(f"backbone weights {spec!r} do not fit a ResNet-50: missing {missing[:3]}, "
-                         f"unexpected {unexpected[:3]}")
+        raise ValueError(f"{weights} is not a ResNet-50 state dict (missing {missing[:3]}, unexpected "
+                         f"{unexpected[:3]})")
+    return backbone
 
 
-def toy_backbone(out_channels):
-    """Four stages at strides 4, 8, 16, 32 (widths 32, 64, 128, 256; GroupNorm, as nothing is pre-trained) under an
-    FPN: P2-P5 and a max-pooled P6, like R50-FPN's levels."""
-    def stage(cin, cout, stride):
-        return nn.Sequential(nn.Conv2d(cin, cout, 3, stride, 1, bias=False), nn.GroupNorm(8, cout), nn.ReLU(True),
-                             nn.Conv2d(cout, cout, 3, 1, 1, bias=False), nn.GroupNorm(8, cout), nn.ReLU(True))
-    body = nn.Sequential(OrderedDict(stem=stage(3, 32, 2), layer1=stage(32, 32, 2), layer2=stage(32, 64, 2),
-                                     layer3=stage(64, 128, 2), layer4=stage(128, 256, 2)))
-    return BackboneWithFPN(body, {f"layer{i}": str(i - 1) for i in range(1, 5)}, [32, 64, 128, 256], out_channels)
-
-
+# Copied from soft_teacher.build_detector
 def build_detector(cfg, pretrained=True):
-    """Faster R-CNN with FPN and K + 1 classes (torchvision: 0 = background), set as mmdet's faster_rcnn_r50_fpn:
-    RPN 2000 -> 1000 proposals in training, 1000 at test; 512 RoIs per image, 25% positive, IoU 0.5; test score
-    0.05, NMS 0.5, 100 detections. The paper's backbone: ResNet-50 with frozen BN and frozen stem + stage 1."""
-    if cfg.backbone == "toy":
-        backbone = toy_backbone(cfg.fpn_channels)
-    elif cfg.backbone == "resnet50":
-        resnet = torchvision.models.resnet50(weights=None, norm_layer=FrozenBatchNorm2d)
-        if pretrained:
-            if not cfg.pretrained_backbone:
-                raise ValueError("backbone resnet50 needs ImageNet weights: set --pretrained_backbone to a torchvision "
-                                 "weights name (ResNet50_Weights.IMAGENET1K_V1) or a local .pth file")
-            load_imagenet_weights(resnet, cfg.pretrained_backbone)
-        backbone = _resnet_fpn_extractor(resnet, trainable_layers=3)  # stem + layer1 frozen (mmdet frozen_stages=1)
+    """torchvision FasterRCNN with mmdet's faster_rcnn_r50_fpn settings (RPN 2000 pre-NMS / 1000 post-NMS per image
+    in training, 1000 / 1000 at test; RoI sampler 512 at 25% positives; test score 0.05, NMS 0.5, 100 boxes).
+    Training views are resized by the data pipeline, so the detector's own transform only normalises and pads to 32
+    (image_list); at test it resizes to test_size as well (predict)."""
+    if cfg.backbone == "resnet50":
+        if not pretrained:  # a checkpoint will overwrite every weight: skip the download
+            backbone = resnet_fpn_backbone(backbone_name="resnet50", weights=None, trainable_layers=3)
+        else:
+            backbone = resnet50_fpn(cfg.weights)
+        if pretrained and cfg.weights == "none":
+            raise ValueError("resnet50 needs ImageNet weights (--weights IMAGENET1K_V1 or a .pth); 'none' is for the toy")
+    elif cfg.backbone == "toy":
+        if cfg.weights != "none":
+            raise ValueError("the toy backbone is randomly initialised: set --weights none")
+        backbone = ToyBackbone(cfg.toy_width)
     else:
         raise ValueError(f"backbone must be 'resnet50' or 'toy', got {cfg.backbone!r}")
-    C = backbone.out_channels
-    anchors = AnchorGenerator(tuple((s,) for s in cfg.anchor_sizes), ((0.5, 1.0, 2.0),) * len(cfg.anchor_sizes))
-    det = FasterRCNN(backbone, rpn_anchor_generator=anchors,
-                     box_head=TwoMLPHead(C * 7 * 7, cfg.fc_dim), box_predictor=FastRCNNPredictor(cfg.fc_dim,
-                                                                                                   cfg.num_classes + 1),
-                     rpn_pre_nms_top_n_train=cfg.rpn_train_proposals[0],
-                     rpn_post_nms_top_n_train=cfg.rpn_train_proposals[1],
-                     rpn_pre_nms_top_n_test=cfg.rpn_test_proposals[0],
-                     rpn_post_nms_top_n_test=cfg.rpn_test_proposals[1],
-                     box_batch_size_per_image=cfg.rois_per_image, box_positive_fraction=0.25,
-                     box_score_thresh=0.05, box_nms_thresh=0.5, box_detections_per_img=100)
-    det.transform = ViewTransform(cfg.test_size, cfg.max_size, IMAGENET_MEAN, IMAGENET_STD)
-    return det
+    levels = len(cfg.anchor_sizes)
+    anchors = AnchorGenerator(tuple((s,) for s in cfg.anchor_sizes), ((0.5, 1.0, 2.0),) * levels)
+    names = [str(i) for i in range(levels - 1)]  # RoIAlign on every level but the max-pooled one (P2-P5)
+    roi_pool = MultiScaleRoIAlign(names, output_size=7, sampling_ratio=cfg.roi_sampling_ratio)
+    box_head = TwoMLPHead(backbone.out_channels * 7 * 7, cfg.roi_head_dim)
+    return FasterRCNN(backbone, num_classes=None, min_size=cfg.test_size, max_size=cfg.max_size,
+                      rpn_anchor_generator=anchors, box_roi_pool=roi_pool, box_head=box_head,
+                      box_predictor=FastRCNNPredictor(cfg.roi_head_dim, cfg.num_classes + 1),
+                      rpn_pre_nms_top_n_train=cfg.rpn_pre_nms[0], rpn_post_nms_top_n_train=cfg.rpn_post_nms[0],
+                      rpn_pre_nms_top_n_test=cfg.rpn_pre_nms[1], rpn_post_nms_top_n_test=cfg.rpn_post_nms[1],
+                      box_score_thresh=0.05, box_nms_thresh=0.5,
+                      box_detections_per_img=100, box_batch_size_per_image=cfg.rois_per_image,
+                      box_positive_fraction=0.25)
+
+
+# ----------------------------------------------------------------------------------------------------------------------
+# Hooks into torchvision's detector: what GeneralizedRCNN.forward computes but does not return
+# ----------------------------------------------------------------------------------------------------------------------
+# Copied from soft_teacher.image_list
+def image_list(detector, images):
+    """Already-resized views -> an ImageList: normalised with the detector's mean/std, padded to a multiple of 32.
+    images: list of (3, h, w) in [0, 1]; ImageList.tensors (B, 3, H, W), .image_sizes [(h, w)]."""
+    normalised = [detector.transform.normalize(im) for im in images]
+    return ImageList(detector.transform.batch_images(normalised, size_divisible=32), [im.shape[-2:] for im in images])
+
+
+# Copied from soft_teacher.roi_head_outputs
+def roi_head_outputs(detector, feats, rois, image_sizes):
+    """RoIAlign + the two FC layers + the predictor for given boxes. rois: list of (R_i, 4) in view pixels.
+    Returns class_logits (R, K+1) and box_regression (R, (K+1) * 4), the images' RoIs concatenated."""
+    heads = detector.roi_heads
+    pooled = heads.box_roi_pool(feats, rois, image_sizes)  # (R, C, 7, 7)
+    return heads.box_predictor(heads.box_head(pooled))
+
+
+# Copied from soft_teacher.sample_rois
+def sample_rois(detector, proposals, targets):
+    """torchvision's RoI assignment and sampling (MaxIoU 0.5, 512 RoIs per image, <= 25% positives, the targets added
+    as proposals). targets: list of {"boxes" (N, 4), "labels" (N,) in 1..K}. Returns the sampled RoIs (list of
+    (R_i, 4)), their labels (list of (R_i,), 0 = background) and regression targets (list of (R_i, 4))."""
+    rois, _, labels, regression_targets = detector.roi_heads.select_training_samples(proposals, targets)
+    return rois, labels, regression_targets
+
+
+@torch.no_grad()
+# Copied from soft_teacher.score_boxes
+def score_boxes(detector, feats, boxes, image_sizes):
+    """Class probabilities (R, K+1) (column 0 = background) and class-specific refined boxes (R, K+1, 4) of the
+    detector's RoI head for given boxes (list of (R_i, 4)), no NMS and no score threshold."""
+    logits, regression = roi_head_outputs(detector, feats, boxes, image_sizes)
+    refined = detector.roi_heads.box_coder.decode(regression, boxes)  # (R, K+1, 4)
+    refined = torch.cat([clip_boxes_to_image(r, size) for r, size in  # clipped to the image, as the official code
+                         zip(refined.split([len(b) for b in boxes]), image_sizes)])
+    return logits.softmax(-1), refined
 
 
 # ----------------------------------------------------------------------------------------------------------------------
 # Losses: torchvision's training step written out, so the sampled RoIs and their weights are ours
 # ----------------------------------------------------------------------------------------------------------------------
-def weighted_cross_entropy(logits, labels, weights):
-    """Soft-teacher RoI classification loss: sum_i w_i CE_i / max(sum_i w_i, 1), over the R sampled RoIs of the batch
-    (the official renormalises w to mean 1 before mmdet's mean CE: the same value). logits (R, K+1), labels (R,)."""
-    ce = F.cross_entropy(logits.float(), labels, reduction="none")  # (R,)
-    return (weights * ce).sum() / weights.sum().clamp(min=1)
+# Copied from soft_teacher.soft_teacher_cls_loss
+def soft_teacher_cls_loss(class_logits, labels, weights):
+    """Sec. 3.2, the soft-teacher classification loss as the official code computes it (issue #19: the paper's Eq. (3)
+    normalises foreground and background separately, the code does not):
+      L_cls = sum_i w_i CE(p_i, y_i) / max(sum_i w_i, 1),  w_i = 1 (foreground RoI), r_i (background RoI)
+    with r_i the teacher's background probability of RoI i. class_logits (R, K+1), labels (R,), weights (R,)."""
+    ce = F.cross_entropy(class_logits, labels, reduction="none")  # (R,)
+    return (weights * ce).sum() / weights.sum().clamp(min=1.0)
 
 
-def rcnn_losses(det, images, targets, bg_weights=None):
-    """Faster R-CNN losses of one stream: images list of (3, h, w) in [0, 1], targets list of {"boxes" (N, 4),
-    "labels" (N,) in 1..K}. bg_weights(rois list of (R_i, 4)) -> list of (R_i,) gives the weight of each sampled RoI
-    when it is background (foreground RoIs weigh 1); None = plain mean CE. -> {rpn_cls, rpn_box, rcnn_cls, rcnn_box}."""
-    image_list, targets = det.transform(images, targets)
-    feats = det.backbone(image_list.tensors)  # {"0": (B, C, H/4, W/4), ..., "pool": (B, C, H/64, W/64)}
-    proposals, rpn = det.rpn(image_list, feats, targets)
-    heads = det.roi_heads
-    rois, _, labels, reg_targets = heads.select_training_samples(proposals, targets)  # R_i per image
-    x = heads.box_head(heads.box_roi_pool(feats, rois, image_list.image_sizes))  # (R, fc_dim)
-    logits, deltas = heads.box_predictor(x)  # (R, K+1), (R, (K+1)*4)
-    labels, reg_targets = torch.cat(labels), torch.cat(reg_targets)  # (R,), (R, 4)
-    weights = torch.ones_like(labels, dtype=torch.float32)
-    if bg_weights is not None:
-        # PAPER (Soft Teacher): a background RoI weighs what the teacher believes it is background.
-        weights = torch.where(labels == 0, torch.cat(bg_weights(rois)).to(weights), weights)
-    pos = torch.nonzero(labels > 0).squeeze(1)
-    deltas = deltas.reshape(len(labels), -1, 4)[pos, labels[pos]]  # (P, 4): the box of the RoI's own class
-    rcnn_box = F.smooth_l1_loss(deltas, reg_targets[pos], beta=1 / 9, reduction="sum") / max(labels.numel(), 1)
-    return {"rpn_cls": rpn["loss_objectness"], "rpn_box": rpn["loss_rpn_box_reg"],
-            "rcnn_cls": weighted_cross_entropy(logits, labels, weights), "rcnn_box": rcnn_box}
+# Copied from soft_teacher.box_reg_loss
+def box_reg_loss(box_regression, labels, regression_targets):
+    """Smooth-L1 (beta 1/9) on the positive RoIs' class-specific deltas, summed and divided by the number of sampled
+    RoIs (torchvision's fastrcnn_loss box term). box_regression (R, (K+1) * 4), labels (R,), targets (R, 4)."""
+    pos = torch.where(labels > 0)[0]
+    deltas = box_regression.reshape(len(labels), -1, 4)[pos, labels[pos]]  # (P, 4)
+    loss = F.smooth_l1_loss(deltas, regression_targets[pos], beta=1 / 9, reduction="sum")
+    return loss / max(labels.numel(), 1)
+
+
+@torch.no_grad()
+# Copied from soft_teacher.teacher_background_weights
+def teacher_background_weights(teacher, feats, image_sizes, rois, labels, to_teacher):
+    """Sec. 3.2, the soft teacher: the weight of each sampled student RoI, 1 for a foreground RoI and, for a
+    background one, the teacher's background probability of that RoI mapped into the teacher's view.
+    feats, image_sizes: the teacher's features and view sizes; rois: list of (R_i, 4) student-view boxes; labels (R,)
+    (0 = background); to_teacher: list of 3x3 student-view -> teacher-view matrices. Returns (R,) weights."""
+    mapped = [map_boxes(r, m, size) for r, m, size in zip(rois, to_teacher, image_sizes)]
+    kept = torch.cat([k for _, k in mapped])  # a RoI with no area left in the teacher's view keeps weight 1
+    p_bg = torch.ones(len(labels), device=labels.device)
+    if kept.any():
+        p_bg[kept] = score_boxes(teacher, feats, [b for b, _ in mapped], image_sizes)[0][:, 0]  # PAPER: r_j = p_bg
+    return torch.where(labels == 0, p_bg, torch.ones_like(p_bg))
+
+
+# Copied from soft_teacher.detector_losses
+def detector_losses(detector, images, targets, roi_weights=None):
+    """The Faster R-CNN losses of `detector` on views (list of (3, h, w)) with targets (list of {"boxes" (N, 4),
+    "labels" (N,) in 1..K}): RPN objectness and box, RoI classification (weighted by roi_weights(rois, labels) -> (R,);
+    None: all 1, plain mean CE) and box regression. Returns the losses {rpn_cls, rpn_reg, roi_cls, roi_reg} and
+    (ImageList, features, RPN proposals) for further RoI samplings on the same views."""
+    views = image_list(detector, images)
+    feats = detector.backbone(views.tensors)
+    proposals, rpn = detector.rpn(views, feats, targets)
+    rois, labels, reg_targets = sample_rois(detector, proposals, targets)
+    logits, regression = roi_head_outputs(detector, feats, rois, views.image_sizes)
+    labels, reg_targets = torch.cat(labels), torch.cat(reg_targets)
+    weights = torch.ones_like(logits[:, 0]) if roi_weights is None else roi_weights(rois, labels)
+    return {"rpn_cls": rpn["loss_objectness"], "rpn_reg": rpn["loss_rpn_box_reg"],
+            "roi_cls": soft_teacher_cls_loss(logits, labels, weights),
+            "roi_reg": box_reg_loss(regression, labels, reg_targets)}, (views, feats, proposals)
 
 
 # ----------------------------------------------------------------------------------------------------------------------
@@ -373,21 +457,24 @@ def rcnn_losses(det, images, targets, bg_weights=None):
 # ----------------------------------------------------------------------------------------------------------------------
 @torch.no_grad()
 def teacher_detect(teacher, images):
-    """The teacher's detections on weak views (test-time RPN 1000/1000, score 0.05, NMS 0.5, 100 per image), with its
-    features for later queries. -> (detections list of {boxes, labels 1..K, scores}, feats, image sizes)."""
-    image_list, _ = teacher.transform(images)
-    feats = teacher.backbone(image_list.tensors)
-    proposals, _ = teacher.rpn(image_list, feats)
-    detections, _ = teacher.roi_heads(feats, proposals, image_list.image_sizes)
-    return detections, feats, image_list.image_sizes
+    """The teacher's detections on weak views (list of (3, h, w)): test-time RPN, RoI head, score 0.05, class-wise NMS
+    0.5, 100 per image. -> (list of {"boxes" (D, 4), "labels" (D,) in 1..K, "scores" (D,)}, features, ImageList)."""
+    views = image_list(teacher, images)
+    feats = teacher.backbone(views.tensors)
+    proposals, _ = teacher.rpn(views, feats)
+    detections, _ = teacher.roi_heads(feats, proposals, views.image_sizes)
+    return detections, feats, views
 
 
 @torch.no_grad()
-def teacher_probs(teacher, feats, boxes, image_sizes):
-    """The teacher's class probabilities (R_i, K+1) for given boxes (list of (R_i, 4) in its view), no NMS."""
-    heads = teacher.roi_heads
-    logits, _ = heads.box_predictor(heads.box_head(heads.box_roi_pool(feats, boxes, image_sizes)))
-    return logits.float().softmax(-1).split([len(b) for b in boxes])
+def rate_human_boxes(teacher, feats, image_sizes, boxes, labels):
+    """PAPER: the teacher's probability of each human box's own class, on the weak view: list of (N_i,), for boxes
+    (list of (N_i, 4), weak-view pixels, clipped to the weak view) and labels (list of (N_i,) in 1..K)."""
+    if not sum(len(b) for b in boxes):
+        return [b.new_zeros(0) for b in boxes]
+    probs = score_boxes(teacher, feats, boxes, image_sizes)[0]  # (N, K+1)
+    own = probs.gather(1, torch.cat(labels)[:, None]).squeeze(1)  # (N,)
+    return list(own.split([len(b) for b in boxes]))
 
 
 KEPT, DROPPED, REPLACED = 0, 1, 2  # what becomes of a human box in the strong view
@@ -411,6 +498,16 @@ def mixed_targets(gt_boxes, gt_labels, gt_probs, pseudo_boxes, pseudo_labels, gt
 # ----------------------------------------------------------------------------------------------------------------------
 # The training wrapper
 # ----------------------------------------------------------------------------------------------------------------------
+@torch.no_grad()
+# Copied from soft_teacher.ema_update
+def ema_update(teacher, student, momentum):
+    """teacher = m teacher + (1 - m) student over the parameters; buffers (frozen BN statistics) are copied."""
+    for t, s in zip(teacher.parameters(), student.parameters()):
+        t.mul_(momentum).add_(s.detach(), alpha=1 - momentum)
+    for t, s in zip(teacher.buffers(), student.buffers()):
+        t.copy_(s)
+
+
 class MixTraining(nn.Module):
     """The student (trained) and its EMA teacher. Training batches hold two views of each labelled image:
     batch["sup"] (normal augmentation) and batch["weak"] (resize and flip only), each {"image": list of (3, h, w) in
@@ -428,85 +525,72 @@ class MixTraining(nn.Module):
         return self
 
     def forward(self, batch, step):
-        """The training step -> {"loss", "loss_normal", "loss_strong", and each stream's four detector losses}."""
+        """The training step -> {"loss", "loss_normal", "loss_strong", each stream's four detector losses, and the
+        strong view's mean number of pseudo boxes, kept, dropped and replaced human boxes per image}."""
         cfg, normal = self.cfg, batch["sup"]
         targets = [{"boxes": b, "labels": l + 1} for b, l in zip(normal["boxes"], normal["labels"])]
-        losses = {f"normal_{k}": v for k, v in rcnn_losses(self.student, list(normal["image"]), targets).items()}
+        losses = {f"normal_{k}": v for k, v in detector_losses(self.student, list(normal["image"]), targets)[0].items()}
         out = {"loss_normal": sum(losses.values())}
         if cfg.mixed:
-            losses.update({f"strong_{k}": v for k, v in self.strong_stream(batch["weak"]).items()})
-            out["loss_strong"] = sum(v for k, v in losses.items() if k.startswith("strong_"))
+            strong, counts = self.strong_stream(batch["weak"])
+            losses.update({f"strong_{k}": v for k, v in strong.items()})
+            out["loss_strong"] = sum(strong.values())
+            out.update(counts)
         # PAPER: L = L_normal + 2.0 x L_strong.
         return {"loss": out["loss_normal"] + cfg.strong_weight * out.get("loss_strong", 0.0), **out, **losses}
 
     def strong_stream(self, weak):
         """The strong view's losses on mixed targets, from the weak views: the teacher detects and rates on the weak
-        view, the student learns on the strong view."""
+        view, the student learns on the strong view made from it. -> (losses, counts)."""
         cfg = self.cfg
         images = list(weak["image"])
-        detections, feats, sizes = teacher_detect(self.teacher, images)
-        # PAPER: the teacher's probability of each human box's own class, on the weak view.
-        probs = teacher_probs(self.teacher, feats, list(weak["boxes"]), sizes)
-        strong_images, targets, matrices, self.last_mix = [], [], [], []
+        gt_labels = [l + 1 for l in weak["labels"]]  # (N_i,) in 1..K
+        detections, feats, views = teacher_detect(self.teacher, images)
+        rated = rate_human_boxes(self.teacher, feats, views.image_sizes, list(weak["boxes"]), gt_labels)
+        strong_images, targets, to_weak, self.last_mix = [], [], [], []
+        counts = torch.zeros(4)  # pseudo boxes, kept, dropped, replaced human boxes
         for i, image in enumerate(images):
-            gt, labels = weak["boxes"][i], weak["labels"][i] + 1  # (N, 4), (N,) in 1..K
-            s_image, s_gt, G = strong_view(image, gt)
-            size = s_image.shape[-2:]
-            gt_probs = probs[i].gather(1, labels[:, None]).squeeze(1)  # (N,)
-            if not cfg.gt_rating:
-                gt_probs = torch.ones_like(gt_probs)
+            s_image, s_gt, inside, G = strong_view(image, weak["boxes"][i])
             det = detections[i]
             confident = det["scores"] > cfg.score_thr  # PAPER: pseudo boxes, score > 0.9
-            if not cfg.pseudo_boxes:
-                confident &= False
-            p_boxes = warp_boxes(det["boxes"][confident], G, size)
-            p_labels, p_valid = det["labels"][confident], nonempty(p_boxes)
-            g_valid = nonempty(s_gt)  # boxes pushed out of the strong view are no targets
-            boxes, t_labels, status = mixed_targets(s_gt[g_valid], labels[g_valid], gt_probs[g_valid],
-                                                    p_boxes[p_valid], p_labels[p_valid], cfg.gt_score_thr, cfg.iou_thr)
+            if not cfg.pseudo_boxes:  # ablation: strong augmentation on the rated human boxes only
+                confident = torch.zeros_like(confident)
+            p_boxes, p_inside = map_boxes(det["boxes"][confident], G, s_image.shape[-2:])
+            p_labels = det["labels"][confident][p_inside]
+            probs = rated[i][inside] if cfg.gt_rating else torch.ones(len(s_gt))  # ablation: no rating, all kept
+            boxes, labels, status = mixed_targets(s_gt, gt_labels[i][inside], probs.to(s_gt), p_boxes, p_labels,
+                                                  cfg.gt_score_thr, cfg.iou_thr)
             strong_images.append(s_image)
-            targets.append({"boxes": boxes, "labels": t_labels})
-            matrices.append(G)
+            targets.append({"boxes": boxes, "labels": labels})
+            to_weak.append(torch.linalg.inv(G))
+            counts += torch.tensor([len(p_boxes), *[(status == s).sum().item() for s in (KEPT, DROPPED, REPLACED)]])
             if i < 4:
-                self.last_mix.append({"image": s_image.detach().cpu(), "gt": s_gt[g_valid].cpu(),
-                                      "status": status.cpu(), "pseudo": p_boxes[p_valid].cpu(),
-                                      "targets": boxes.cpu()})
+                self.last_mix.append({"image": s_image.detach().cpu(), "gt": s_gt.cpu(), "status": status.cpu(),
+                                      "pseudo": p_boxes.cpu(), "targets": boxes.cpu()})
 
-        def bg_weights(rois):
-            """The teacher's background probability of the student's RoIs, mapped back into the weak view."""
-            weak_rois = [warp_boxes(r.detach(), torch.linalg.inv(G), s) for r, G, s in zip(rois, matrices, sizes)]
-            return [p[:, 0] for p in teacher_probs(self.teacher, feats, weak_rois, sizes)]
+        def roi_weights(rois, labels):  # PAPER (Soft Teacher): background RoIs weigh the teacher's p_bg
+            return teacher_background_weights(self.teacher, feats, views.image_sizes, rois, labels, to_weak)
 
-        return rcnn_losses(self.student, strong_images, targets, bg_weights if cfg.soft_weights else None)
+        losses, _ = detector_losses(self.student, strong_images, targets, roi_weights if cfg.soft_weights else None)
+        counts = dict(zip(("pseudo_boxes", "gt_kept", "gt_dropped", "gt_replaced"), counts / len(images)))
+        return losses, counts
 
-    @torch.no_grad()
     def on_step_end(self, step):
-        """PAPER (EMA teacher): before iteration t = step + 1, teacher = m teacher + (1 - m) student over the
-        parameters, m = 0.999 min(t / 100, 1) (the official MeanTeacherHook's linear warm-up). Buffers are not
-        averaged, as in the official code (the paper's BN is frozen; the toy's GroupNorm has none)."""
+        """PAPER (EMA teacher): before iteration t = step + 1, teacher = m teacher + (1 - m) student, with the official
+        MeanTeacherHook's linear warm-up m = 0.999 min(t / 100, 1) (Soft Teacher's is min(0.999, t / (t + 1)))."""
         t = step + 1
-        m = self.cfg.ema_momentum * min(t / self.cfg.ema_warmup, 1.0)
-        for p_t, p_s in zip(self.teacher.parameters(), self.student.parameters()):
-            p_t.mul_(m).add_(p_s.detach(), alpha=1 - m)
+        ema_update(self.teacher, self.student, self.cfg.ema_momentum * min(t / self.cfg.ema_warmup, 1.0))
 
     @torch.no_grad()
     def predict(self, batch, vocab=None):
-        """{"image": list (or batch) of (3, H, W) in [0, 1]} -> per image {"boxes" (D, 4) xyxy in the input's pixels,
-        "labels" (D,) in 0..K-1, "scores" (D,)}, by the student at the test scale. `vocab` is ignored."""
-        was_training = self.training
-        self.eval()
-        resized, scales = [], []
-        for image in batch["image"]:
-            H, W = image.shape[-2:]
-            s = min(self.cfg.test_size / min(H, W), self.cfg.max_size / max(H, W))
-            resized.append(F.interpolate(image[None], (round(H * s), round(W * s)), mode="bilinear",
-                                         antialias=True, align_corners=False)[0] if abs(s - 1) > 1e-6 else image)
-            scales.append(torch.tensor([W / resized[-1].shape[-1], H / resized[-1].shape[-2]] * 2,
-                                       device=image.device))
-        outputs = self.student(resized)
-        self.train(was_training)
-        return [{"boxes": o["boxes"] * s, "labels": o["labels"] - 1, "scores": o["scores"]}
-                for o, s in zip(outputs, scales)]
+        """{"image": (B, 3, H, W) or a list of (3, H, W) in [0, 1]} -> per image {"boxes" (D, 4) xyxy in the input's
+        pixels, "labels" (D,) in 0..K-1, "scores" (D,)}: the student's (the official inference_on=student),
+        resized to test_size inside torchvision's transform. `vocab` is ignored."""
+        was_training = self.student.training
+        self.student.eval()
+        out = self.student(list(batch["image"]))
+        self.student.train(was_training)
+        return [{"boxes": d["boxes"], "labels": d["labels"] - 1, "scores": d["scores"]} for d in out]
 
 
 # ----------------------------------------------------------------------------------------------------------------------
@@ -565,5 +649,5 @@ if __name__ == "__main__":
     losses = model(views, step=0)
     losses["loss"].backward()
     model.on_step_end(0)
-    print(", ".join(f"{k} {v.item():.3f}" for k, v in losses.items()))
+    print(", ".join(f"{k} {float(v.detach()):.3f}" for k, v in losses.items()))
     print([{k: tuple(v.shape) for k, v in p.items()} for p in model.predict({"image": views["sup"]["image"]})])

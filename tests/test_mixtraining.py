@@ -10,6 +10,8 @@ from pathlib import Path
 import pytest
 import torch
 
+from torchvision.models.detection.image_list import ImageList
+
 import mixtraining as mt
 
 REPO = Path(__file__).resolve().parents[1]
@@ -40,20 +42,24 @@ def test_training_step_targets_follow_the_rating(monkeypatch):
     cfg = replace(mt.PRESETS["toy"], gt_score_thr=0.9)
     model = mt.build_model(cfg)
     gt = torch.tensor([[10.0, 10, 50, 50], [80, 80, 120, 120]])
-    monkeypatch.setattr(mt, "teacher_probs", lambda *a: [torch.tensor([[0.0, 0.95, 0.05], [0.0, 0.5, 0.5]])])
     monkeypatch.setattr(mt, "teacher_detect", lambda t, images: (
         [{"boxes": torch.tensor([[100.0, 10, 140, 40], [0, 0, 5, 5]]), "labels": torch.tensor([2, 1]),
-          "scores": torch.tensor([0.95, 0.5])}], None, [(160, 160)]))
+          "scores": torch.tensor([0.95, 0.5])}], None, ImageList(None, [(160, 160)])))
+    rated = {}
+    monkeypatch.setattr(mt, "score_boxes", lambda t, f, boxes, sizes: rated.update(boxes=boxes) or (
+        torch.tensor([[0.0, 0.95, 0.05], [0.0, 0.5, 0.5]]), None))
     monkeypatch.setattr(mt, "geometric_op", lambda h, w: torch.eye(3))  # boxes stay where they are
     cfg = replace(cfg, soft_weights=False)
     model.cfg = cfg
     seen = {}
-    monkeypatch.setattr(mt, "rcnn_losses", lambda det, images, targets, bg=None: seen.update(t=targets) or {})
-    model.strong_stream({"image": [torch.rand(3, 160, 160)], "boxes": [gt], "labels": [torch.tensor([0, 1])]})
+    monkeypatch.setattr(mt, "detector_losses", lambda det, images, targets, w=None: (seen.update(t=targets), None))
+    _, counts = model.strong_stream({"image": [torch.rand(3, 160, 160)], "boxes": [gt], "labels": [torch.tensor([0, 1])]})
+    assert torch.equal(rated["boxes"][0], gt)  # the teacher rates the human boxes of the weak view
     target = seen["t"][0]
     assert torch.equal(target["boxes"], torch.tensor([[100.0, 10, 140, 40], [10, 10, 50, 50]]))
     assert target["labels"].tolist() == [2, 1]  # the pseudo box (score 0.95 > 0.9), then the kept human box
     assert model.last_mix[0]["status"].tolist() == [mt.KEPT, mt.DROPPED]
+    assert [counts[k].item() for k in ("pseudo_boxes", "gt_kept", "gt_dropped", "gt_replaced")] == [1, 1, 1, 0]
 
 
 def test_human_boxes_are_warped_into_the_strong_view(monkeypatch):
@@ -65,21 +71,21 @@ def test_human_boxes_are_warped_into_the_strong_view(monkeypatch):
     image[:, 40:60, 20:50] = 1.0  # a white object at x 20..50, y 40..60
     box = torch.tensor([[20.0, 40, 50, 60]])
     torch.manual_seed(0)
-    strong, boxes, G = mt.strong_view(image, box)
+    strong, boxes, keep, G = mt.strong_view(image, box)
     assert torch.equal(G, shift)
-    assert torch.allclose(boxes, torch.tensor([[50.0, 30, 80, 50]]))
+    assert torch.allclose(boxes, torch.tensor([[50.0, 30, 80, 50]])) and keep.tolist() == [True]
     # the pixels moved with the box: the object is exactly inside the warped box, and gone from where it was
     assert torch.allclose(strong[:, 30:50, 50:80], torch.ones(1), atol=1e-5)
     assert (strong[:, 40:60, 20:50] < 0.6).all() and (strong > 0.99).sum() == 3 * 20 * 30
-    # a box pushed out of the view comes back empty, and the wrapper drops it
-    out = mt.warp_boxes(torch.tensor([[100.0, 0, 118, 10]]), shift, (100, 120))
-    assert not mt.nonempty(out).any()
+    # a box pushed out of the view is dropped
+    out, keep = mt.map_boxes(torch.tensor([[100.0, 0, 118, 10], [0, 50, 10, 60]]), shift, (100, 120))
+    assert keep.tolist() == [False, True] and out.tolist() == [[30.0, 40, 40, 50]]
 
 
 def test_rotation_and_shear_enclose_the_corners():
     torch.manual_seed(3)
     m = torch.tensor([[1.0, 0.3, 0], [0, 1, 0], [0, 0, 1]])  # shear x by 0.3
-    boxes = mt.warp_boxes(torch.tensor([[10.0, 10, 20, 30]]), m, (100, 100))
+    boxes, _ = mt.map_boxes(torch.tensor([[10.0, 10, 20, 30]]), m, (100, 100))
     assert torch.allclose(boxes, torch.tensor([[13.0, 10, 29, 30]]))
 
 
@@ -104,8 +110,8 @@ def test_ema_warm_up_is_linear_over_100_iterations():
     with torch.no_grad():
         p_s.add_(1.0)
     before = p_t.clone()
-    model.on_step_end(49)  # before iteration 50: m = 0.999 * 50 / 100
-    m = 0.999 * 0.5
+    model.on_step_end(49)  # before iteration 50: m = momentum * 50 / 100 (the toy's momentum is 0.99)
+    m = model.cfg.ema_momentum * 0.5
     assert torch.allclose(p_t, m * before + (1 - m) * p_s, atol=1e-6)
     assert not any(p.requires_grad for p in model.teacher.parameters())
 
@@ -118,7 +124,7 @@ def test_one_step_learns_from_both_streams_and_predicts():
             "boxes": [torch.tensor([[10.0, 10, 60, 70]]), torch.zeros(0, 4)],
             "labels": [torch.tensor([2]), torch.zeros(0, dtype=torch.int64)]}
     losses = model({"sup": view, "weak": view}, step=0)
-    assert set(losses) >= {"loss", "loss_normal", "loss_strong", "strong_rcnn_cls"}
+    assert set(losses) >= {"loss", "loss_normal", "loss_strong", "strong_roi_cls", "pseudo_boxes"}
     assert all(torch.isfinite(v) for v in losses.values())
     losses["loss"].backward()
     assert all(p.grad is not None for p in model.student.roi_heads.parameters())
