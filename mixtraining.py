@@ -48,11 +48,13 @@ Differences from the official release (each also at its line):
      translation, scale and flip, looser here under rotation and shear.
   5. The rating classifies the human boxes on the weak view clipped to the weak view's size (the official clips at the
      strong view's size, which can make a box degenerate).
-  6. torchvision's Faster R-CNN, not mmdet's: ImageNet RGB weights (not caffe BGR), smooth-L1 (beta 1/9) box losses,
-     RoIAlign sampling ratio 2. Loss = normal + 2.0 x strong, each stream's losses computed on its own forward (the
-     official concatenates both streams in one forward; with frozen BN the result is the same).
-  7. The toy preset is ours: a small FPN detector with GroupNorm, trained from scratch, on the synthetic detection
-     world with annotation noise (missing, loose and shifted boxes); evaluation uses the clean boxes.
+  6. The normal stream's one colour op is data.py's "sup" view (Soft Teacher's nine ops: sharpness instead of hue);
+     the official normal stream draws from the same nine ops as its strong view.
+  7. torchvision's Faster R-CNN, not mmdet's (see soft_teacher.py): ImageNet RGB weights (not caffe BGR), smooth-L1
+     (beta 1/9) box losses. Loss = normal + 2.0 x strong, each stream's losses computed on its own forward (the
+     official concatenates both streams in one forward and splits the losses; with frozen BN the result is the same).
+  8. The toy preset is ours: a small CNN + FPN with GroupNorm, trained from scratch, on the synthetic detection world
+     with annotation noise (missing, loose, displaced and jittered boxes); evaluation uses the clean boxes.
 
 Shapes: B images, N boxes of an image, R sampled RoIs, K classes (labels 0..K-1 outside, 1..K inside torchvision,
 whose class 0 is background). Boxes are xyxy in pixels of the view they belong to.
@@ -67,7 +69,7 @@ import torch.nn as nn
 import torch.nn.functional as F
 import torchvision
 from torchvision.models.detection import FasterRCNN
-from torchvision.models.detection.backbone_utils import BackboneWithFPN, resnet_fpn_backbone
+from torchvision.models.detection.backbone_utils import resnet_fpn_backbone
 from torchvision.models.detection.faster_rcnn import FastRCNNPredictor, TwoMLPHead
 from torchvision.models.detection.image_list import ImageList
 from torchvision.models.detection.rpn import AnchorGenerator
@@ -148,11 +150,11 @@ PRESETS = {
     "paper": Config(),
     # The CPU toy: the synthetic detection world with noisy training boxes, a small FPN detector from scratch.
     "toy": replace(Config(), train_dataset="toy_detection", eval_datasets=("toy_detection",), num_classes=5,
-                   backbone="toy", weights="none", anchor_sizes=(16, 32, 64, 128), roi_head_dim=256,
-                   rpn_pre_nms=(1000, 500), rpn_post_nms=(300, 300), rois_per_image=128, roi_sampling_ratio=2,
-                   train_scales=(112, 208), max_size=400, test_size=160, batch_size=4, max_iters=600,
-                   lr_steps=(450, 550), warmup_iters=100, lr=0.02, grad_clip=10.0, ema_momentum=0.99, eval_interval=600,
-                   ckpt_interval=600, log_interval=25, num_workers=1, amp=False,
+                   image_size=128, backbone="toy", weights="none", anchor_sizes=(16, 32, 64, 128), roi_head_dim=256,
+                   rpn_pre_nms=(600, 300), rpn_post_nms=(200, 100), rois_per_image=64, roi_sampling_ratio=2,
+                   train_scales=(96, 160), max_size=320, test_size=128, batch_size=4, max_iters=600,
+                   lr_steps=(450, 550), warmup_iters=100, lr=0.02, grad_clip=10.0, ema_momentum=0.99,
+                   eval_interval=200, ckpt_interval=200, log_interval=25, num_workers=1, amp=False,
                    box_missing=0.3, box_shift=0.04, box_loose=0.25, box_displaced=0.15),
 }
 PRESETS["toy_si"] = replace(PRESETS["toy"], mixed=False)  # the SiTraining baseline of the toy
@@ -511,7 +513,8 @@ def ema_update(teacher, student, momentum):
 class MixTraining(nn.Module):
     """The student (trained) and its EMA teacher. Training batches hold two views of each labelled image:
     batch["sup"] (normal augmentation) and batch["weak"] (resize and flip only), each {"image": list of (3, h, w) in
-    [0, 1], "boxes": list of (N, 4), "labels": list of (N,) in 0..K-1}; the strong view is made here from the weak one."""
+    [0, 1], "boxes": list of (N, 4), "labels": list of (N,) in 0..K-1}; the strong view is made here from the weak
+    one."""
 
     def __init__(self, cfg, student):
         super().__init__()

@@ -53,7 +53,8 @@ def test_training_step_targets_follow_the_rating(monkeypatch):
     model.cfg = cfg
     seen = {}
     monkeypatch.setattr(mt, "detector_losses", lambda det, images, targets, w=None: (seen.update(t=targets), None))
-    _, counts = model.strong_stream({"image": [torch.rand(3, 160, 160)], "boxes": [gt], "labels": [torch.tensor([0, 1])]})
+    weak = {"image": [torch.rand(3, 160, 160)], "boxes": [gt], "labels": [torch.tensor([0, 1])]}
+    _, counts = model.strong_stream(weak)
     assert torch.equal(rated["boxes"][0], gt)  # the teacher rates the human boxes of the weak view
     target = seen["t"][0]
     assert torch.equal(target["boxes"], torch.tensor([[100.0, 10, 140, 40], [10, 10, 50, 50]]))
@@ -165,3 +166,21 @@ def test_annotation_noise_removes_and_perturbs_the_fractions_it_says():
         data.ToyDetection("train", size=96, loose=0.7, displaced=0.5)
     cfg = replace(mt.PRESETS["toy"], image_size=96, eval_images=4)
     assert torch.equal(data.build_dataset("toy_detection", "val", cfg)[2]["boxes"], val[2]["boxes"])  # clean
+
+
+def test_train_then_eval_round_trip(tmp_path):
+    env = {**os.environ, "OMP_NUM_THREADS": "1"}
+    tiny = ["--image_size", 64, "--eval_images", 2, "--train_scales", "56,72", "--test_size", 64, "--toy_width", 16,
+            "--roi_head_dim", 32, "--rois_per_image", 16, "--max_iters", 2, "--batch_size", 2, "--eval_interval", 2,
+            "--num_workers", 0, "--score_thr", 0.0, "--gt_score_thr", 0.0]
+    result = subprocess.run([sys.executable, "train.py", "--model", "mixtraining", *map(str, tiny), "--out", tmp_path],
+                            cwd=REPO, env=env, capture_output=True, text=True, timeout=300)
+    assert result.returncode == 0, result.stderr[-3000:]
+    assert "toy_detection/AP50" in result.stdout and "gt_kept" in (tmp_path / "log.jsonl").read_text()
+    for name in ("ckpt.pt", "metrics.json", "predictions.png", "mixed_targets.png"):
+        assert (tmp_path / name).is_file(), name
+    result = subprocess.run([sys.executable, "eval.py", "--ckpt", tmp_path / "ckpt.pt"], cwd=REPO, env=env,
+                            capture_output=True, text=True, timeout=300)
+    assert result.returncode == 0, result.stderr[-3000:]
+    trained = json.loads((tmp_path / "metrics.json").read_text())
+    assert json.loads((tmp_path / "eval_metrics.json").read_text()) == trained  # the same model, rebuilt from the file
