@@ -131,12 +131,12 @@ PRESETS = {
 # teacher momentum of 0.99 because the toy runs 1/180 of the paper's iterations (0.999 would keep the teacher a
 # running average of the whole run).
 PRESETS["toy"] = replace(
-    Config(), train_dataset="toy_detection_semi", eval_datasets=("toy_detection",), num_classes=5, backbone="toy",
-    weights="none", anchor_sizes=(16, 32, 64, 128), roi_head_dim=256, rpn_pre_nms=(1000, 500), rpn_post_nms=(300, 300),
-    rois_per_image=128, roi_sampling_ratio=2,
-    train_scales=(112, 208), max_size=400,
-    test_size=160, batch_size=2, num_unsup=4, max_iters=1000, lr=0.02, lr_steps=(800,), warmup_iters=100,
-    ema_momentum=0.99, eval_interval=1000, log_interval=50, ckpt_interval=1000, num_workers=1, amp=False)
+    Config(), train_dataset="toy_detection_semi", eval_datasets=("toy_detection",), num_classes=5, image_size=128,
+    train_scales=(96, 160), max_size=320, test_size=128, backbone="toy", weights="none", toy_width=16,
+    anchor_sizes=(16, 32, 64, 128), roi_head_dim=256, rpn_pre_nms=(1000, 500), rpn_post_nms=(300, 300),
+    rois_per_image=128, roi_sampling_ratio=2, batch_size=1, num_unsup=4, max_iters=1000, lr=0.02,
+    lr_steps=(670, 890), warmup_iters=100, ema_momentum=0.99, eval_interval=1000, log_interval=50,
+    ckpt_interval=1000, num_workers=0, amp=False)
 # The baseline: the same labelled images, batches and iterations, no unlabelled images, no teacher.
 PRESETS["toy_supervised"] = replace(PRESETS["toy"], unsup_weight=0.0, num_unsup=0)
 
@@ -323,6 +323,9 @@ def jitter_uncertainty(detector, feats, boxes, labels, image_sizes, times=10, sc
     _, refined = score_boxes(detector, feats, jittered, image_sizes)  # (sum T N_i, K+1, 4)
     out = []
     for r, b, lab in zip(refined.split([len(j) for j in jittered]), boxes, labels):
+        if len(b) == 0:  # an image without pseudo boxes beside images with some
+            out.append(b.new_zeros(0))
+            continue
         r = r.reshape(times, len(b), -1, 4)[:, torch.arange(len(b)), lab]  # (T, N, 4): the pseudo label's box
         std, mean = r.std(0), r.mean(0)  # (N, 4) each; unbiased std, as the official torch.std
         size = (mean[:, 2:] - mean[:, :2]).clamp(min=1).repeat(1, 2)  # (N, 4)
