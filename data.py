@@ -20,10 +20,20 @@ Contents, in reading order:
      - ToyShapes: colour x shape objects with seen/unseen splits (SAN, zsseg), and ToyShapesCaptions, the captioned
        images the toy CLIP is pre-trained on.
      - ToyPeople: pairs of one synthetic person in two poses, with 18 keypoints and their heatmaps (PATN).
-  2. Real datasets in the layouts that the official repos / detectron2 / mmseg preparation scripts write (and the
-     pose-transfer pairs of Market-1501 and DeepFashion, PoseFolder).
-  3. Training transforms (random scale, crop, flip, photometric) on image + mask with torchvision.transforms.v2.
+     - ToyDetection: boxes of shape classes on cluttered backgrounds, a labelled / unlabelled split of it, and
+       optional annotation noise (missing, shifted, loose, displaced boxes) on the training split.
+  2. Real datasets in the layouts that the official repos / detectron2 / mmseg preparation scripts write, the
+     pose-transfer pairs of Market-1501 and DeepFashion (PoseFolder), and COCO detection (pycocotools) with the
+     semi-supervised split files.
+  3. Training transforms (random scale, crop, flip, photometric) on image + mask with torchvision.transforms.v2, and
+     the box-aware detection views (weak / strong) that record their geometry as a 3x3 matrix; the two-stream
+     (labelled + unlabelled) dataset.
   4. build_dataset(name, split, cfg): the one entry point train.py and eval.py use.
+
+Detection items: {"image": float32 (3, H, W) in [0, 1], "boxes": float32 (N, 4) xyxy in pixels, "labels": int64 (N,)
+contiguous class indices 0..K-1 into `.class_names` (no background index), "image_id": int}; an augmented view adds
+"matrix": float32 (3, 3), the affine map from original-image pixels to view pixels (x, y, 1). Images differ in size,
+so a batch keeps them in lists (train.collate).
 """
 import math
 from dataclasses import dataclass
@@ -68,6 +78,10 @@ def _shape_mask(kind, cy, cx, r, size, angle=0.0):
         return u**2 + v**2 <= r**2
     if kind == "triangle":  # upward triangle (in the rotated frame) inscribed in the circle of radius r
         return (v <= r * 0.5) & (v >= -r + 1.732 * np.abs(u))
+    if kind == "ring":
+        return (u**2 + v**2 <= r**2) & (u**2 + v**2 >= (0.55 * r) ** 2)
+    if kind == "cross":  # a plus sign, arms 0.6 r wide
+        return ((np.abs(u) <= r * 0.9) & (np.abs(v) <= r * 0.3)) | ((np.abs(v) <= r * 0.9) & (np.abs(u) <= r * 0.3))
     raise ValueError(kind)
 
 
@@ -380,6 +394,129 @@ class ToyPeople(Dataset):
             item.update({which: torch.from_numpy(image), f"{which}_keypoints": kp,
                          f"{which}_pose": keypoint_heatmaps(kp, self.H, self.W, self.sigma)})
         return item
+
+
+DETECTION_SHAPES = ("square", "circle", "triangle", "ring", "cross")  # the ToyDetection classes
+
+
+class ToyDetection(Dataset):
+    """Shapes to detect on a cluttered, textured background (the Soft Teacher / MixTraining toy).
+
+    An image holds 1-6 objects; the class is the shape (DETECTION_SHAPES), whatever its colour, size (radius S/22 to
+    S/5, log-uniform: small, medium and large objects) or turn. Objects may overlap, a later one hiding part of an
+    earlier one (the box is that of the visible pixels; an object less than 40% visible is not annotated, like a
+    hidden object in a real photo, and one fewer than 40% visible is kept out at placement). The background is a
+    tinted noise texture with clutter: stripes and speckles of random colours that no class claims.
+
+    Items index..: image `index` of the stream is the same whatever `start` / `length` select, so two datasets with
+    disjoint index ranges of one split are disjoint sets of images (the labelled / unlabelled split of the toy:
+    indices [0, n) labelled, [n, ...) unlabelled). annotated=False drops the boxes (unlabelled data).
+    Annotation noise (training split only; evaluation always uses the clean boxes): `missing` = probability that a
+    box is left out of the annotations; `shift` = std of a box edge's random shift, relative to the box's width
+    (x edges) or height (y edges), so shifted boxes are loose, tight or displaced. Badly drawn boxes, as human
+    annotators draw them (after missing and shift, each kept box is one of three kinds): a fraction `loose` is drawn
+    loose, each edge pushed out by U(0.1, 0.35) of the box's width (x) or height (y); a fraction `displaced` is
+    moved whole by U(0.2, 0.4) of its width and height, in a random direction per axis; the rest are as drawn.
+    Boxes are clipped to the image. The noise of an image is the same every time it is read.
+    """
+
+    class_names, seen_classes = list(DETECTION_SHAPES), None
+
+    def __init__(self, split="train", size=160, length=None, seed=0, start=0, annotated=True, missing=0.0,
+                 shift=0.0, loose=0.0, displaced=0.0):
+        self.split, self.size, self.seed, self.start, self.annotated = split, size, seed, start, annotated
+        self.length = length or (100_000 if split == "train" else 64)
+        if (missing or shift or loose or displaced) and split != "train":
+            raise ValueError("annotation noise (missing, shift, loose, displaced) applies to the training split only")
+        if not (0 <= loose and 0 <= displaced and loose + displaced <= 1):
+            raise ValueError(f"box noise: loose ({loose}) and displaced ({displaced}) are fractions of the boxes, "
+                             "each >= 0 and together at most 1")
+        self.missing, self.shift, self.loose, self.displaced = missing, shift, loose, displaced
+
+    def __len__(self):
+        return self.length
+
+    def stripe(self, rng):
+        """(S, S) bool mask of a thin straight stripe at a random place and angle."""
+        S = self.size
+        yy, xx = np.mgrid[:S, :S]
+        a, (cy, cx) = rng.uniform(0, np.pi), rng.uniform(0, S, 2)
+        across = np.abs((xx - cx) * np.sin(a) - (yy - cy) * np.cos(a))
+        along = np.abs((xx - cx) * np.cos(a) + (yy - cy) * np.sin(a))
+        return (across < rng.uniform(1, 3)) & (along < rng.uniform(S / 8, S / 2))
+
+    def render(self, rng):
+        """image float32 (3, S, S), clean boxes float32 (N, 4) xyxy, labels int64 (N,)."""
+        S = self.size
+        image = np.stack([_noise_texture(rng, S, rng.uniform(0.25, 0.6), 0.07, smooth=3) for _ in range(3)])
+        for _ in range(rng.integers(4, 10)):  # clutter: stripes, then speckles
+            image[:, self.stripe(rng)] = rng.uniform(0.1, 0.95, 3)[:, None]
+        for _ in range(rng.integers(10, 30)):
+            y, x, r = *rng.uniform(0, S, 2), rng.uniform(1, 2.5)
+            image[:, _shape_mask("circle", y, x, r, S)] = rng.uniform(0.1, 0.95, 3)[:, None]
+        owner = np.full((S, S), -1)  # which object each pixel shows
+        placed, labels, full = [], [], []
+        for _ in range(rng.integers(1, 7)):
+            for _try in range(20):
+                r = S * np.exp(rng.uniform(np.log(1 / 22), np.log(1 / 5)))
+                y, x = rng.uniform(r, S - r, 2)
+                if all(np.hypot(y - py, x - px) > 0.75 * (r + pr) for py, px, pr in placed):  # partial overlap only
+                    break
+            else:
+                continue
+            k = rng.integers(len(DETECTION_SHAPES))
+            mask = _shape_mask(DETECTION_SHAPES[k], y, x, r, S, angle=rng.uniform(-0.3, 0.3))
+            if mask.sum() < 4:
+                continue
+            rgb = rng.uniform(0.05, 1.0, 3)
+            image[:, mask] = rgb[:, None] * _noise_texture(rng, S, 1.0, 0.1)[mask][None]
+            owner[mask] = len(labels)
+            placed.append((y, x, r))
+            labels.append(k)
+            full.append(mask.sum())
+        for _ in range(rng.integers(0, 3)):  # stripes in front of the objects: more occlusion
+            stripe = self.stripe(rng)
+            image[:, stripe], owner[stripe] = rng.uniform(0.1, 0.95, 3)[:, None], -1
+        boxes, kept = [], []
+        for i, k in enumerate(labels):
+            ys, xs = np.nonzero(owner == i)
+            if len(ys) >= 0.4 * full[i]:
+                boxes.append([xs.min(), ys.min(), xs.max() + 1, ys.max() + 1])  # pixel edges, xyxy
+                kept.append(k)
+        image = torch.from_numpy(np.clip(image, 0, 1).astype(np.float32))
+        return image, torch.tensor(boxes, dtype=torch.float32).reshape(-1, 4), torch.tensor(kept, dtype=torch.int64)
+
+    def __getitem__(self, index):
+        index = self.start + index
+        image, boxes, labels = self.render(_rng(self.seed, self.split, index))
+        if not self.annotated:
+            boxes, labels = boxes[:0], labels[:0]
+        elif self.missing or self.shift:
+            noise = np.random.default_rng([self.seed, 2, index])  # the same noise every time the image is read
+            keep = torch.from_numpy(noise.random(len(boxes)) >= self.missing)
+            wh = (boxes[:, 2:] - boxes[:, :2]).repeat(1, 2)  # (N, 4) w, h, w, h
+            boxes = boxes + self.shift * wh * torch.from_numpy(noise.normal(size=(len(boxes), 4))).float()
+            boxes = torch.stack([boxes[:, :2].min(boxes[:, 2:]), boxes[:, :2].max(boxes[:, 2:])], 1).reshape(-1, 4)
+            boxes = boxes.clamp(0, self.size)
+            keep &= ((boxes[:, 2:] - boxes[:, :2]) >= 1).all(1)
+            boxes, labels = boxes[keep], labels[keep]
+        if self.annotated and (self.loose or self.displaced):
+            boxes = self.badly_drawn(boxes, np.random.default_rng([self.seed, 3, index]))
+        return {"image": image, "boxes": boxes, "labels": labels, "image_id": index}
+
+    def badly_drawn(self, boxes, rng):
+        """(N, 4) boxes -> the same boxes, a fraction `loose` drawn loose and a fraction `displaced` moved (see the
+        class docstring); each box's kind is drawn independently."""
+        kind = torch.from_numpy(rng.random(len(boxes))).float()  # < loose: loose; < loose + displaced: displaced
+        wh = (boxes[:, 2:] - boxes[:, :2]).repeat(1, 2)  # (N, 4) w, h, w, h
+        margin = torch.from_numpy(rng.uniform(0.1, 0.35, (len(boxes), 4))).float() * wh * torch.tensor([-1, -1, 1, 1])
+        move = torch.from_numpy(rng.uniform(0.2, 0.4, (len(boxes), 2)) * rng.choice([-1, 1], (len(boxes), 2))).float()
+        move = move.repeat(1, 2) * wh  # (N, 4): the same shift for both edges of an axis
+        loose = (kind < self.loose)[:, None]
+        displaced = ((kind >= self.loose) & (kind < self.loose + self.displaced))[:, None]
+        boxes = boxes + loose * margin + displaced * move
+        return boxes.clamp(0, self.size)
+
 
 
 # ----------------------------------------------------------------------------------------------------------------------
@@ -708,6 +845,72 @@ def pose_dataset(name, split, data_root, sigma):
         raise FileNotFoundError(f"dataset {name!r} (split {split!r}): missing {', '.join(absent)}\nExpected layout:\n"
                                 + POSE_TREES[name].replace("<root>", str(root.parent)))
     return PoseFolder(root, phase, needed[1], needed[2], sigma, repad, masked)
+class CocoDetection(Dataset):
+    """Boxes of a COCO-format json (pycocotools), as mmdet's CocoDataset reads them for training and testing.
+
+    Crowd boxes (iscrowd=1) and boxes under 1 pixel wide or high are left out; categories become contiguous labels
+    0..K-1 in the order of their ids (`.cat_ids[label]` gives the COCO id back). keep_empty=False drops the images
+    without a box (mmdet's filter_empty_gt for the labelled stream); True keeps every image (evaluation, unlabelled
+    data). annotated=False drops the boxes (the unlabelled stream). `.coco` is the pycocotools COCO of the file, with
+    which the evaluator scores val2017 exactly as mmdet does.
+    """
+
+    seen_classes = None
+
+    def __init__(self, image_dir, ann_file, keep_empty=True, annotated=True):
+        from pycocotools.coco import COCO
+        import contextlib
+        import io
+        self.image_dir, self.annotated = Path(image_dir), annotated
+        with contextlib.redirect_stdout(io.StringIO()):  # pycocotools prints timings
+            self.coco = COCO(str(ann_file))
+        self.cat_ids = sorted(self.coco.getCatIds())
+        self.class_names = [self.coco.cats[c]["name"] for c in self.cat_ids]
+        self.label_of = {c: i for i, c in enumerate(self.cat_ids)}
+        self.ids = [i for i in sorted(self.coco.imgs) if keep_empty or self._boxes(i)[0].numel()]
+
+    def __len__(self):
+        return len(self.ids)
+
+    def _boxes(self, image_id):
+        boxes, labels = [], []
+        for a in self.coco.imgToAnns.get(image_id, []):
+            x, y, w, h = a["bbox"]
+            if a.get("iscrowd", 0) or w < 1 or h < 1 or a["category_id"] not in self.label_of:
+                continue
+            boxes.append([x, y, x + w, y + h])
+            labels.append(self.label_of[a["category_id"]])
+        return torch.tensor(boxes, dtype=torch.float32).reshape(-1, 4), torch.tensor(labels, dtype=torch.int64)
+
+    def __getitem__(self, index):
+        image_id = self.ids[index]
+        path = self.image_dir / self.coco.imgs[image_id]["file_name"]
+        image = torch.from_numpy(read_file(path, lambda im: im.convert("RGB"))).permute(2, 0, 1).float() / 255
+        boxes, labels = self._boxes(image_id) if self.annotated else (torch.zeros(0, 4), torch.zeros(0, torch.int64))
+        return {"image": image, "boxes": boxes, "labels": labels, "image_id": image_id}
+
+
+COCO_TREE = """<root>/coco/
+├── train2017/<id>.jpg, val2017/<id>.jpg, unlabeled2017/<id>.jpg
+└── annotations/
+    ├── instances_train2017.json, instances_val2017.json
+    └── semi_supervised/
+        ├── instances_train2017.{fold}@{percent}.json             labelled part of train2017
+        ├── instances_train2017.{fold}@{percent}-unlabeled.json   the rest (its boxes are not used)
+        └── instances_unlabeled2017.json                           unlabeled2017 image list (full setting)
+made by the official COCO 2017 zips and SoftTeacher's tools/dataset/prepare_coco_data.sh (semi_coco.py), or this
+repository's prepare.py"""
+
+
+def coco_detection(data_root, images, ann_file, **kw):
+    """CocoDetection of <data_root>/coco/<images> and <data_root>/coco/annotations/<ann_file>; a missing file raises
+    FileNotFoundError drawing the expected layout."""
+    root = Path(data_root).expanduser().resolve() / "coco"
+    missing = [p for p in (root / images, root / "annotations" / ann_file) if not p.exists()]
+    if missing:
+        raise FileNotFoundError(f"COCO detection: missing {', '.join(map(str, missing))}\nExpected layout:\n"
+                                + COCO_TREE.replace("<root>", str(root.parent)))
+    return CocoDetection(root / images, root / "annotations" / ann_file, **kw)
 
 
 # ----------------------------------------------------------------------------------------------------------------------
@@ -766,16 +969,221 @@ class TrainTransform:
         return image.as_subclass(torch.Tensor), label.as_subclass(torch.Tensor)
 
 
+# Detection views. Each view is drawn from the ORIGINAL image and records the affine map original -> view as a 3x3
+# matrix T, so a box moves from view a to view b through T_b @ inverse(T_a) (map_boxes). The three kinds are Soft
+# Teacher's pipelines (configs/soft_teacher/base.py, ssod/datasets/pipelines/rand_aug.py), which MixTraining reuses.
+def map_boxes(boxes, matrix, size=None):
+    """(N, 4) xyxy boxes through a 3x3 affine matrix: the 4 corners are mapped and enclosed by an axis-aligned box,
+    clipped to size = (H, W) when given."""
+    x1, y1, x2, y2 = boxes.unbind(-1)
+    corners = torch.stack([torch.stack([x, y, torch.ones_like(x)], -1) for x, y in
+                           ((x1, y1), (x2, y1), (x1, y2), (x2, y2))], 1)  # (N, 4, 3)
+    xy = (corners @ matrix.T.to(boxes))[..., :2]  # (N, 4, 2)
+    out = torch.cat([xy.min(1).values, xy.max(1).values], -1)  # (N, 4)
+    if size is not None:
+        out = torch.stack([out[:, 0].clamp(0, size[1]), out[:, 1].clamp(0, size[0]),
+                           out[:, 2].clamp(0, size[1]), out[:, 3].clamp(0, size[0])], -1)
+    return out
+
+
+def warp_image(image, matrix, fill):
+    """uint8 (3, H, W) image through a 3x3 matrix onto a canvas of the same size; uncovered pixels get `fill`.
+    Pixel (i, j) covers [j, j+1) x [i, i+1), the convention of the box coordinates."""
+    H, W = image.shape[-2:]
+    ys, xs = torch.meshgrid(torch.arange(H) + 0.5, torch.arange(W) + 0.5, indexing="ij")
+    out = torch.stack([xs, ys, torch.ones_like(xs)], -1) @ torch.linalg.inv(matrix).T  # (H, W, 3) source points
+    grid = torch.stack([2 * out[..., 0] / W - 1, 2 * out[..., 1] / H - 1], -1)[None]  # (1, H, W, 2) in [-1, 1]
+    shifted = image[None].float() - fill
+    warped = torch.nn.functional.grid_sample(shifted, grid, align_corners=False) + fill  # zero padding -> fill
+    return warped[0].round().clamp(0, 255).to(torch.uint8)
+
+
+def _about_centre(matrix, H, W):
+    c = torch.tensor([[1, 0, W / 2], [0, 1, H / 2], [0, 0, 1.0]])
+    return c @ matrix @ torch.linalg.inv(c)
+
+
+def photometric(image):
+    """One colour op drawn uniformly from Soft Teacher's 9, at a level L in 1..9 (of 10): Identity, AutoContrast,
+    Equalize, Solarize (threshold 256 L / 10), Color / Contrast / Brightness / Sharpness (factor 0.1 + 1.8 L / 10),
+    Posterize (4 - 4 L / 10 bits). image uint8 (3, H, W)."""
+    F = v2.functional
+    level = 1 + _randint(8)
+    factor = 0.1 + 1.8 * level / 10
+    ops = [lambda x: x, F.autocontrast, F.equalize, lambda x: F.solarize(x, int(256 * level / 10)),
+           lambda x: F.adjust_saturation(x, factor), lambda x: F.adjust_contrast(x, factor),
+           lambda x: F.adjust_brightness(x, factor), lambda x: F.adjust_sharpness(x, factor),
+           lambda x: F.posterize(x, 4 - int(4 * level / 10))]
+    return ops[_randint(len(ops) - 1)](image)
+
+
+def geometric_matrix(H, W):
+    """One geometric op drawn uniformly from Soft Teacher's 4, as a 3x3 matrix: translate x by U(-0.1, 0.1) W,
+    translate y by U(-0.1, 0.1) H, rotate U(-30, 30) degrees, or shear x then y by U(-30, 30) degrees each (factor
+    tanh of the angle in radians, as the official code has it), rotation and shear about the image centre."""
+    m = torch.eye(3)
+    op = _randint(3)
+    if op == 0:
+        m[0, 2] = _uniform(-0.1, 0.1) * W
+    elif op == 1:
+        m[1, 2] = _uniform(-0.1, 0.1) * H
+    elif op == 2:
+        a = math.radians(_uniform(-30, 30))
+        m[:2, :2] = torch.tensor([[math.cos(a), -math.sin(a)], [math.sin(a), math.cos(a)]])
+    else:
+        sx, sy = (math.tanh(math.radians(_uniform(-30, 30))) for _ in range(2))
+        m = torch.tensor([[1, 0, 0], [sy, 1, 0], [0, 0, 1.0]]) @ torch.tensor([[1, sx, 0], [0, 1, 0], [0, 0, 1.0]])
+    return _about_centre(m, H, W)
+
+
+def erase(image, fill=125):
+    """1-4 patches of fill, each r H x r W with r ~ U(0, 0.2) (Soft Teacher's RandErase; boxes unchanged)."""
+    H, W = image.shape[-2:]
+    for _ in range(1 + _randint(3)):
+        r = _uniform(0, 0.2)
+        h, w = int(r * H), int(r * W)
+        top, left = _randint(H - h), _randint(W - w)
+        image[:, top:top + h, left:left + w] = fill
+    return image
+
+
+class DetectionView:
+    """One random view of a detection item; kind is one of Soft Teacher's pipelines:
+    "weak": keep-ratio resize with the short side drawn from scale_range, the long side at most max_size, and a
+    horizontal flip with p 0.5 (the teacher's view); "sup": weak + one photometric op (the labelled stream);
+    "strong": weak, then in random order one photometric and one geometric op, then 1-4 erased patches (the
+    student's view of an unlabelled image). Resize and flip carry the boxes with torchvision.transforms.v2; the
+    geometric op maps them through its matrix. Boxes that leave the image are dropped.
+    Returns the item with image float32 (3, h, w), boxes, labels in view coordinates and "matrix" (3, 3)."""
+
+    KINDS = ("weak", "sup", "strong")
+
+    def __init__(self, kind, scale_range, max_size, fill=125):
+        if kind not in self.KINDS:
+            raise ValueError(f"view kind must be one of {self.KINDS}, got {kind!r}")
+        self.kind, self.scale_range, self.max_size, self.fill = kind, scale_range, max_size, fill
+
+    def __call__(self, item):
+        F = v2.functional
+        image = (item["image"] * 255).round().to(torch.uint8)
+        H, W = image.shape[-2:]
+        s = min(_uniform(*self.scale_range) / min(H, W), self.max_size / max(H, W))
+        h, w = max(1, round(H * s)), max(1, round(W * s))
+        boxes = tv_tensors.BoundingBoxes(item["boxes"], format="XYXY", canvas_size=(H, W))
+        image, boxes = F.resize(tv_tensors.Image(image), [h, w], antialias=True), F.resize(boxes, [h, w])
+        T = torch.tensor([[w / W, 0, 0], [0, h / H, 0], [0, 0, 1.0]])
+        if _uniform(0, 1) < 0.5:
+            image, boxes = F.horizontal_flip(image), F.horizontal_flip(boxes)
+            T = torch.tensor([[-1, 0, w], [0, 1, 0], [0, 0, 1.0]]) @ T
+        image, boxes = image.as_subclass(torch.Tensor), boxes.as_subclass(torch.Tensor)
+        if self.kind == "sup":
+            image = photometric(image)
+        elif self.kind == "strong":
+            for op in ("colour", "geometry") if _uniform(0, 1) < 0.5 else ("geometry", "colour"):
+                if op == "colour":
+                    image = photometric(image)
+                else:
+                    G = geometric_matrix(h, w)
+                    image, boxes, T = warp_image(image, G, self.fill), map_boxes(boxes, G, (h, w)), G @ T
+            image = erase(image, self.fill)
+        keep = ((boxes[:, 2:] - boxes[:, :2]) > 0).all(1)
+        return {**item, "image": image.float() / 255, "boxes": boxes[keep].float(), "labels": item["labels"][keep],
+                "matrix": T}
+
+
+class Views(Dataset):
+    """dataset[i] through `views`: one DetectionView (the item becomes that view) or {name: DetectionView} (the item
+    becomes {name: view}, each view drawn independently from the original image)."""
+
+    def __init__(self, dataset, views):
+        self.dataset, self.views = dataset, views
+        self.class_names, self.seen_classes = dataset.class_names, None
+
+    def __len__(self):
+        return len(self.dataset)
+
+    def __getitem__(self, index):
+        item = self.dataset[index]
+        if isinstance(self.views, dict):
+            return {name: view(item) for name, view in self.views.items()}
+        return self.views(item)
+
+
+class TwoStream(Dataset):
+    """Semi-supervised items: item i = {"sup": labelled[i], "unsup": [num_unsup items of `unlabelled`]}, the
+    unlabelled ones drawn at random (torch's generator, which train.py seeds per item), so a batch of B items holds
+    B labelled and B * num_unsup unlabelled images (Soft Teacher's 1:4 is num_unsup = 4). len = len(labelled)."""
+
+    def __init__(self, labelled, unlabelled, num_unsup):
+        self.labelled, self.unlabelled, self.num_unsup = labelled, unlabelled, num_unsup
+        self.class_names, self.seen_classes = labelled.class_names, None
+
+    def __len__(self):
+        return len(self.labelled)
+
+    def __getitem__(self, index):
+        picks = torch.randint(len(self.unlabelled), (self.num_unsup,)).tolist()
+        return {"sup": self.labelled[index], "unsup": [self.unlabelled[j] for j in picks]}
+
+
 # ----------------------------------------------------------------------------------------------------------------------
 # 4. build_dataset: the entry point
 # ----------------------------------------------------------------------------------------------------------------------
+def detection_dataset(name, split, cfg):
+    """The detection datasets of build_dataset. Config fields read (each optional, default in brackets):
+    image_size [160] and eval_images [64] (toy), num_labelled [32] (toy labelled images: indices [0, n) of the
+    training stream, the unlabelled ones follow), box_missing / box_shift / box_loose / box_displaced [0] (toy
+    annotation noise, see ToyDetection), percent [10] and fold [1] (the COCO split file), num_unsup [4] (unlabelled
+    images per labelled one), train_scales [(400, 1200)] and max_size [1333] (short-side range and long-side cap of the views),
+    sup_views [("sup",)] (the view kinds of a labelled image: one kind gives the view itself, several give
+    {kind: view}, e.g. ("sup", "weak", "strong") for MixTraining's mixed views)."""
+    get = lambda field, default: getattr(cfg, field, default)  # noqa: E731
+    toy, semi = name.startswith("toy"), name.endswith(("_semi", "_semi_full"))
+    if split == "val":
+        if toy:
+            return ToyDetection("val", get("image_size", 160), get("eval_images", 64), seed=get("seed", 0))
+        return coco_detection(get("data_root", "datasets"), "val2017", "instances_val2017.json")
+    if split != "train":
+        raise ValueError(f"split must be 'train' or 'val', got {split!r}")
+    scales, max_size = tuple(get("train_scales", (400, 1200))), get("max_size", 1333)
+    kinds = tuple(get("sup_views", ("sup",)))
+    sup_view = DetectionView(kinds[0], scales, max_size) if len(kinds) == 1 else \
+        {k: DetectionView(k, scales, max_size) for k in kinds}
+    unsup_views = {"weak": DetectionView("weak", scales, max_size), "strong": DetectionView("strong", scales, max_size)}
+    if toy:
+        noise = dict(seed=get("seed", 0), missing=get("box_missing", 0.0), shift=get("box_shift", 0.0),
+                     loose=get("box_loose", 0.0), displaced=get("box_displaced", 0.0))
+        size, n = get("image_size", 160), get("num_labelled", 32)
+        labelled = ToyDetection("train", size, n if semi else None, **noise)
+        unlabelled = ToyDetection("train", size, seed=get("seed", 0), start=n, annotated=False)
+    else:
+        root = get("data_root", "datasets")
+        if name == "coco_detection_semi":
+            stem = f"semi_supervised/instances_train2017.{get('fold', 1)}@{get('percent', 10):g}"
+            labelled = coco_detection(root, "train2017", stem + ".json", keep_empty=False)
+            unlabelled = coco_detection(root, "train2017", stem + "-unlabeled.json", annotated=False)
+        else:  # all of train2017 labelled; coco_detection_semi_full adds unlabeled2017
+            labelled = coco_detection(root, "train2017", "instances_train2017.json", keep_empty=False)
+            if semi:
+                unlabelled = coco_detection(root, "unlabeled2017", "semi_supervised/instances_unlabeled2017.json",
+                                            annotated=False)
+    if not semi:
+        return Views(labelled, sup_view)
+    return TwoStream(Views(labelled, sup_view), Views(unlabelled, unsup_views), get("num_unsup", 4))
+
+
+DETECTION_DATASETS = ("toy_detection", "toy_detection_semi", "coco_detection", "coco_detection_semi",
+                      "coco_detection_semi_full")
+
+
 def build_dataset(name, split, cfg):
     """The dataset `name` ("toy_context", "toy_shapes", "cityscapes", ...) for split "train" or "val".
 
     Real datasets (REAL_DATASETS) are read from cfg.data_root. Their training split gets the TrainTransform built
     from cfg.crop_size, cfg.base_size, cfg.scale_range and, if the config has them, cfg.aspect_range (default none)
     and cfg.pad_value (default 0); their val split is returned whole at its native size (models resize internally).
-    Toy data is generated at cfg.crop_size and needs no transform.
+    Toy data is generated at cfg.crop_size and needs no transform. Detection datasets (DETECTION_DATASETS): see
+    detection_dataset; pose datasets (POSE_DATASETS, toy_people): heatmaps at cfg.heatmap_sigma.
     """
     seed = getattr(cfg, "seed", 0)
     toy = {
@@ -791,6 +1199,8 @@ def build_dataset(name, split, cfg):
         return toy[name]()
     if name in POSE_DATASETS:
         return pose_dataset(name, split, cfg.data_root, cfg.heatmap_sigma)
+    if name in DETECTION_DATASETS:
+        return detection_dataset(name, split, cfg)
     if name in REAL_DATASETS:
         dataset = real_dataset(name, split, cfg.data_root)
         if split == "train":
@@ -798,5 +1208,5 @@ def build_dataset(name, split, cfg):
                                                getattr(cfg, "aspect_range", (1.0, 1.0)), dataset.ignore_index,
                                                getattr(cfg, "pad_value", 0))
         return dataset
-    known = sorted(toy) + ["toy_people"] + sorted(REAL_DATASETS) + sorted(POSE_DATASETS)
+    known = sorted(toy) + ["toy_people"] + sorted(REAL_DATASETS) + sorted(POSE_DATASETS) + list(DETECTION_DATASETS)
     raise ValueError(f"unknown dataset {name!r}; known: {', '.join(known)}")

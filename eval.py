@@ -4,6 +4,7 @@
     python eval.py --ckpt runs/san/ckpt.pt --data-root datasets           # real data in another folder
     python eval.py --ckpt runs/san/ckpt.pt --image my.jpg --vocab "cat,dog,grass"
     python eval.py --ckpt runs/pose_transfer/ckpt.pt --source person.jpg --target-pose keypoints.json
+    python eval.py --ckpt runs/soft_teacher/ckpt.pt --image my.jpg         # draws the detections
 
 The model is rebuilt from the configuration stored in the checkpoint (checkpoint.py); no other flag is needed. What
 is measured and drawn follows the model file's TASK: EVALUATORS[task] computes the metrics, PLOTTERS[task] draws
@@ -11,7 +12,8 @@ train.py's predictions.png.
 
 Contents: semantic-segmentation metrics (detectron2's SemSegEvaluator definitions, plus the generalized zero-shot
 seen / unseen / harmonic split of zsseg) -> evaluation loops, the pose-transfer metrics (SSIM, mask-SSIM, L1, IS as
-the official Pose-Transfer scripts compute them) and EVALUATORS -> plots and PLOTTERS -> command line.
+the official Pose-Transfer scripts compute them), COCO box mAP with pycocotools for detection, and EVALUATORS ->
+plots and PLOTTERS -> command line.
 """
 import argparse
 import json
@@ -233,8 +235,85 @@ def evaluate_pose(wrapper, dataset, device, rank=0, world=1, batch_size=16):
     return out
 
 
+def coco_box_metrics(coco_gt, detections, image_ids):
+    """COCO box AP, AP50, AP75, APs, APm, APl in % (pycocotools COCOeval, as mmdet's CocoDataset.evaluate) of
+    `detections` ([{"image_id", "category_id", "bbox": xywh, "score"}]) against the pycocotools COCO `coco_gt`,
+    over `image_ids`. No detection at all scores 0; a size with no ground-truth box is -1, as pycocotools has it."""
+    import contextlib
+    import io
+    from pycocotools.cocoeval import COCOeval
+    names = ("AP", "AP50", "AP75", "APs", "APm", "APl")
+    if not detections:
+        return {n: 0.0 for n in names}
+    with contextlib.redirect_stdout(io.StringIO()):  # pycocotools prints its tables
+        evaluator = COCOeval(coco_gt, coco_gt.loadRes(detections), "bbox")
+        evaluator.params.imgIds = sorted(image_ids)
+        evaluator.evaluate()
+        evaluator.accumulate()
+        evaluator.summarize()
+    return {n: 100 * s if s >= 0 else -1.0 for n, s in zip(names, evaluator.stats[:6].tolist())}
+
+
+def coco_from_boxes(images, annotations, num_classes):
+    """A pycocotools COCO built in memory from image records and xywh box annotations (category ids 1..K)."""
+    import contextlib
+    import io
+    from pycocotools.coco import COCO
+    coco = COCO()
+    coco.dataset = {"images": images, "annotations": [{**a, "id": i + 1} for i, a in enumerate(annotations)],
+                    "categories": [{"id": k + 1, "name": str(k)} for k in range(num_classes)]}
+    with contextlib.redirect_stdout(io.StringIO()):
+        coco.createIndex()
+    return coco
+
+
+def _xywh(boxes):
+    return torch.cat([boxes[:, :2], boxes[:, 2:] - boxes[:, :2]], 1).tolist()
+
+
+@torch.no_grad()
+def evaluate_detection(wrapper, dataset, device, rank=0, world=1):
+    """COCO box mAP of wrapper.predict, one image at a time, the images split over DDP ranks.
+
+    predict({"image": (1, 3, H, W)}) returns [{"boxes": (N, 4) xyxy in the image's pixels, "labels": (N,) 0..K-1,
+    "scores": (N,)}]. A wrapper with `eval_variants` (e.g. ("student", "teacher")) is scored once per variant through
+    predict(batch, variant=v); the first gives the plain metric names, the others are prefixed ("teacher_AP").
+    A dataset with a `.coco` (real COCO) is scored against its own annotation file (crowd regions ignored, areas from
+    the masks); the toy's ground truth is built from its items' boxes."""
+    variants = getattr(wrapper, "eval_variants", (None,))
+    cat_ids = list(getattr(dataset, "cat_ids", range(1, len(dataset.class_names) + 1)))
+    images, truths, found = [], [], {v: [] for v in variants}
+    for i in tqdm(range(rank, len(dataset), world), desc="eval", leave=False,
+                  disable=rank != 0 or not sys.stderr.isatty()):
+        item = dataset[i]
+        image_id = int(item["image_id"])
+        images.append({"id": image_id, "height": item["image"].shape[1], "width": item["image"].shape[2]})
+        for (x, y, w, h), label in zip(_xywh(item["boxes"]), item["labels"].tolist()):
+            truths.append({"image_id": image_id, "category_id": cat_ids[label], "bbox": [x, y, w, h], "area": w * h,
+                           "iscrowd": 0})
+        batch = {"image": item["image"][None].to(device)}
+        for v in variants:
+            pred = (wrapper.predict(batch) if v is None else wrapper.predict(batch, variant=v))[0]
+            found[v] += [{"image_id": image_id, "category_id": cat_ids[label], "bbox": box, "score": score}
+                         for box, label, score in zip(_xywh(pred["boxes"].float().cpu()), pred["labels"].tolist(),
+                                                      pred["scores"].float().tolist())]
+    if world > 1:  # every rank gathers everything and scores it (the same numbers on every rank)
+        gathered = [None] * world
+        dist.all_gather_object(gathered, (images, truths, found))
+        images = [x for g in gathered for x in g[0]]
+        truths = [x for g in gathered for x in g[1]]
+        found = {v: [x for g in gathered for x in g[2][v]] for v in variants}
+    coco = getattr(dataset, "coco", None) or coco_from_boxes(images, truths, len(cat_ids))
+    metrics = {}
+    for j, v in enumerate(variants):
+        prefix = "" if j == 0 else f"{v}_"
+        metrics.update({prefix + k: m for k, m in coco_box_metrics(coco, found[v], [im["id"] for im in images])
+                        .items()})
+    return metrics
+
+
 # TASK -> fn(wrapper, dataset, device, rank, world)
-EVALUATORS = {"semseg": evaluate_semseg, "clip": evaluate_clip, "pose": evaluate_pose}
+EVALUATORS = {"semseg": evaluate_semseg, "clip": evaluate_clip, "pose": evaluate_pose, "detection": evaluate_detection}
 
 
 def evaluate(wrapper, task, eval_sets, device, rank=0, world=1):
@@ -288,7 +367,8 @@ def plot_losses(log_jsonl, png):
         axes[0].plot([r["step"] for r in losses if key in r], [r[key] for r in losses if key in r], label=key)
     axes[0].set(xlabel="iteration", ylabel="loss", yscale="log", title="training losses")
     for key in [k for k in (evals[0] if evals else {}) if k.rsplit("/", 1)[-1] in
-                ("mIoU", "mIoU_seen", "mIoU_unseen", "hIoU", "zero_shot_acc", "SSIM", "mask-SSIM")]:
+                ("mIoU", "mIoU_seen", "mIoU_unseen", "hIoU", "zero_shot_acc", "SSIM", "mask-SSIM", "AP", "AP50",
+                 "teacher_AP")]:
         axes[1].plot([r["step"] for r in evals], [r[key] for r in evals], "o-", label=key)
     axes[1].set(xlabel="iteration", ylabel="% (SSIM: 0-1)", title="evaluation")
     for ax in axes:
@@ -361,13 +441,62 @@ def plot_pose(wrapper, dataset, png, device, n=6):
             ax.set_title(title, fontsize=8)
     for ax in axes.flat:
         ax.axis("off")
+def draw_boxes(ax, boxes, labels, names, scores=None, colours=None):
+    """Boxes on a matplotlib axis, each with its class name (and score), coloured by class unless `colours`."""
+    plt = _pyplot()
+    pal = palette(len(names))
+    for i, (box, label) in enumerate(zip(boxes.tolist(), labels.tolist())):
+        colour = pal[label] if colours is None else colours[i]
+        ax.add_patch(plt.Rectangle(box[:2], box[2] - box[0], box[3] - box[1], fill=False, color=colour, lw=1.5))
+        text = names[label] if scores is None else f"{names[label]} {scores[i]:.2f}"
+        ax.text(box[0], box[1], text, fontsize=6, color="white", va="bottom",
+                bbox=dict(facecolor=colour, alpha=0.7, pad=0.5, lw=0))
+
+
+@torch.no_grad()
+def plot_detection(wrapper, dataset, png, device, n=4, threshold=0.5):
+    """Ground-truth boxes above, detections with score >= threshold below, for the first n images of `dataset`."""
+    plt = _pyplot()
+    wrapper.eval()
+    n = min(n, len(dataset))
+    fig, axes = plt.subplots(2, n, figsize=(3.2 * n, 6.6), squeeze=False)
+    for col in range(n):
+        item = dataset[col]
+        pred = wrapper.predict({"image": item["image"][None].to(device)})[0]
+        keep = pred["scores"] >= threshold
+        rgb = item["image"].permute(1, 2, 0).numpy()
+        for ax, title in zip(axes[:, col], ["ground truth", f"detections (score >= {threshold})"]):
+            ax.imshow(rgb)
+            ax.set_title(title, fontsize=9)
+            ax.axis("off")
+        draw_boxes(axes[0, col], item["boxes"], item["labels"], dataset.class_names)
+        draw_boxes(axes[1, col], pred["boxes"][keep].cpu(), pred["labels"][keep].cpu(), dataset.class_names,
+                   pred["scores"][keep].cpu().tolist())
     fig.tight_layout()
     fig.savefig(png, dpi=100)
     plt.close(fig)
 
 
+@torch.no_grad()
+def detect_image(wrapper, image_path, names, out_dir, device, threshold=0.5):
+    """Detections with score >= threshold drawn on one image; returns the path of the PNG written."""
+    plt = _pyplot()
+    image = read_image(image_path)
+    wrapper.eval()
+    pred = wrapper.predict({"image": image[None].to(device)})[0]
+    keep = pred["scores"] >= threshold
+    fig, ax = plt.subplots(figsize=(8, 8 * image.shape[1] / image.shape[2]))
+    ax.imshow(image.permute(1, 2, 0).numpy())
+    ax.axis("off")
+    draw_boxes(ax, pred["boxes"][keep].cpu(), pred["labels"][keep].cpu(), names, pred["scores"][keep].cpu().tolist())
+    path = Path(out_dir) / f"{Path(image_path).stem}_detections.png"
+    fig.savefig(path, dpi=100, bbox_inches="tight")
+    plt.close(fig)
+    return path
+
+
 # TASK -> fn(wrapper, dataset, png, device): train.py's predictions.png
-PLOTTERS = {"semseg": plot_semseg, "pose": plot_pose}
+PLOTTERS = {"semseg": plot_semseg, "pose": plot_pose, "detection": plot_detection}
 
 
 def read_image(path):
@@ -540,7 +669,9 @@ def main(argv=None):
             if not vocab:
                 raise ValueError("--vocab is empty; give comma-separated class names, e.g. --vocab \"cat,dog,grass\"")
             out.mkdir(parents=True, exist_ok=True)
-            for path in segment_image(wrapper, args.image, vocab, out, device):
+            written = [detect_image(wrapper, args.image, vocab, out, device)] if module.TASK == "detection" else \
+                segment_image(wrapper, args.image, vocab, out, device)
+            for path in written:
                 print(f"wrote {path}")
             return
         eval_sets = [(n, data.build_dataset(n, "val", cfg)) for n in getattr(cfg, "eval_datasets", ())]
