@@ -441,6 +441,11 @@ def plot_pose(wrapper, dataset, png, device, n=6):
             ax.set_title(title, fontsize=8)
     for ax in axes.flat:
         ax.axis("off")
+    fig.tight_layout()
+    fig.savefig(png, dpi=100)
+    plt.close(fig)
+
+
 def draw_boxes(ax, boxes, labels, names, scores=None, colours=None):
     """Boxes on a matplotlib axis, each with its class name (and score), coloured by class unless `colours`."""
     plt = _pyplot()

@@ -386,8 +386,8 @@ def sample_rois(detector, proposals, targets):
     return rois, labels, regression_targets
 
 
-@torch.no_grad()
 # Copied from soft_teacher.score_boxes
+@torch.no_grad()
 def score_boxes(detector, feats, boxes, image_sizes):
     """Class probabilities (R, K+1) (column 0 = background) and class-specific refined boxes (R, K+1, 4) of the
     detector's RoI head for given boxes (list of (R_i, 4)), no NMS and no score threshold."""
@@ -421,8 +421,8 @@ def box_reg_loss(box_regression, labels, regression_targets):
     return loss / max(labels.numel(), 1)
 
 
-@torch.no_grad()
 # Copied from soft_teacher.teacher_background_weights
+@torch.no_grad()
 def teacher_background_weights(teacher, feats, image_sizes, rois, labels, to_teacher):
     """Sec. 3.2, the soft teacher: the weight of each sampled student RoI, 1 for a foreground RoI and, for a
     background one, the teacher's background probability of that RoI mapped into the teacher's view.
@@ -500,8 +500,8 @@ def mixed_targets(gt_boxes, gt_labels, gt_probs, pseudo_boxes, pseudo_labels, gt
 # ----------------------------------------------------------------------------------------------------------------------
 # The training wrapper
 # ----------------------------------------------------------------------------------------------------------------------
-@torch.no_grad()
 # Copied from soft_teacher.ema_update
+@torch.no_grad()
 def ema_update(teacher, student, momentum):
     """teacher = m teacher + (1 - m) student over the parameters; buffers (frozen BN statistics) are copied."""
     for t, s in zip(teacher.parameters(), student.parameters()):

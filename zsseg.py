@@ -179,7 +179,7 @@ def load_clip(cfg, pretrained=True):
         if not tag:
             raise
         hub = f" from https://huggingface.co/{tag['hf_hub'].rstrip('/')}" if tag.get("hf_hub") else ""
-        raise RuntimeError(f"could not load CLIP weights {weights!r} for {name} (no network?); download "
+        raise FileNotFoundError(f"could not load CLIP weights {weights!r} for {name} (no network?); download "
                            f"open_clip_pytorch_model.bin{hub} and pass --clip_pretrained PATH") from e
     return clip, open_clip.get_tokenizer(name)
 
@@ -243,7 +243,7 @@ def build_backbone(cfg, pretrained=True):
         try:
             net.load_state_dict(weights.get_state_dict(progress=False))
         except Exception as e:  # never a silent random init
-            raise RuntimeError(f"could not load {cfg.backbone} weights {w} (no network?); download {weights.url} "
+            raise FileNotFoundError(f"could not load {cfg.backbone} weights {w} (no network?); download {weights.url} "
                                f"and pass --backbone_weights PATH") from e
     net.fc = nn.Identity()
     return net

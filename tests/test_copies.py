@@ -21,15 +21,21 @@ def model_files():
 
 
 def definitions(source):
-    """{name: (first line, source text)} of the top-level functions and classes, and Class.method for methods."""
-    tree, found = ast.parse(source), {}
+    """{name: (first line, source text)} of the top-level functions and classes, and Class.method for methods; a
+    definition starts at its first decorator."""
+    tree, found, lines = ast.parse(source), {}, source.splitlines()
+
+    def span(node):
+        first = min([node.lineno] + [d.lineno for d in node.decorator_list])
+        return first, "\n".join(lines[first - 1:node.end_lineno])
+
     for node in tree.body:
         if isinstance(node, (ast.FunctionDef, ast.ClassDef)):
-            found[node.name] = (node.lineno, ast.get_source_segment(source, node))
+            found[node.name] = span(node)
             if isinstance(node, ast.ClassDef):
                 for sub in node.body:
                     if isinstance(sub, ast.FunctionDef):
-                        found[f"{node.name}.{sub.name}"] = (sub.lineno, ast.get_source_segment(source, sub))
+                        found[f"{node.name}.{sub.name}"] = span(sub)
     return found
 
 
@@ -72,6 +78,9 @@ def test_the_checker_catches_a_drifted_copy():
     assert "differs" in drift(drifted, {"src": source})[0]
     assert "differs" in drift(renamed, {"src": source})[0]
     assert "no gone.py" in drift(exact.replace("src.", "gone."), {"src": source})[0]
+    decorated = "@cache\ndef matcher(a):\n    return a + 1\n"
+    assert drift("# Copied from src.matcher\n" + decorated, {"src": decorated}) == []
+    assert "differs" in drift("# Copied from src.matcher\n" + decorated, {"src": source})[0]
     with pytest.raises(AssertionError, match="line above a def"):
         marked_copies("# Copied from src.matcher\n\nx = 1\n")
 
