@@ -320,13 +320,7 @@ def claim_run_folder(out, resume, fresh):
     while Path(f"{out}.{n}").exists():
         n += 1
     if not fresh:
-        step = ""
-        if ckpt.is_file():
-            try:
-                step = f" at step {load_checkpoint(ckpt)['step']}"
-            except (ValueError, KeyError):
-                pass
-        raise RunError(f"{out} already holds a run ({', '.join(held)}{step}). Continue it with --resume, start over "
+        raise RunError(f"{out} already holds a run ({', '.join(held)}). Continue it with --resume, start over "
                        f"with --fresh (the old run is moved to {out}.{n}), or choose another --out.")
     os.replace(out, f"{out}.{n}")
     print(f"moved the earlier run in {out} to {out}.{n}")

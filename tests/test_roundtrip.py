@@ -1,15 +1,12 @@
 """The user's path end to end: `train.py` for a few iterations in a subprocess, then `eval.py` on its checkpoint
 (ANN on the toy data; SAN on a tiny random CLIP, including single-image segmentation with a free vocabulary)."""
 import json
-import math
 import os
 import subprocess
 import sys
 from pathlib import Path
 
 import numpy as np
-import open_clip
-import torch
 from PIL import Image
 
 REPO = Path(__file__).resolve().parents[1]
@@ -35,16 +32,12 @@ def test_ann_train_then_eval(tmp_path):
     assert evaluated["toy_context/mIoU"] == trained["toy_context/mIoU"]  # the same model, rebuilt from the file
 
 
-def test_san_train_then_eval_and_segment_an_image(tmp_path):
-    tiny = {"embed_dim": 32, "vision_cfg": {"image_size": 32, "layers": 6, "width": 32, "head_width": 16,
-                                            "patch_size": 8},
-            "text_cfg": {"context_length": 16, "vocab_size": 49408, "width": 32, "heads": 2, "layers": 1}}
-    (tmp_path / "tiny_clip.json").write_text(json.dumps(tiny))
-    clip = open_clip.model.CLIP(**tiny)
-    clip.logit_scale.data.fill_(math.log(100))
-    torch.save(clip.state_dict(), tmp_path / "tiny_clip.pt")
-    out = run("train.py", "--model", "san", "--clip_model", tmp_path / "tiny_clip.json", "--clip_pretrained",
-              tmp_path / "tiny_clip.pt", "--clip_trained_by", "", "--crop_size", 64, "--side_image_size", 64,
+def test_san_train_then_eval_and_segment_an_image(tmp_path, tiny_clip):
+    config, weights = tiny_clip({"embed_dim": 32, "vision_cfg": {"image_size": 32, "layers": 6, "width": 32,
+                                                                 "head_width": 16, "patch_size": 8},
+                                 "text_cfg": {"context_length": 16, "vocab_size": 49408, "width": 32, "heads": 2,
+                                              "layers": 1}})
+    out = run("train.py", "--model", "san", "--clip_model", config, "--clip_pretrained", weights, "--clip_trained_by", "", "--crop_size", 64, "--side_image_size", 64,
               "--side_width", 32, "--side_heads", 2, "--num_queries", 4, "--decoder_dim", 32, "--num_points", 128,
               "--max_iters", 2, "--batch_size", 2, "--eval_interval", 2, "--num_workers", 0, "--out", tmp_path / "run")
     assert "toy_shapes/hIoU" in out

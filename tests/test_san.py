@@ -1,7 +1,6 @@
 """san.py: the attention-bias mechanism, CLIP loading, matching and losses, parameter counts, shapes, and a short
 overfit, on a tiny random open_clip CLIP written to a temporary folder (no download)."""
 import dataclasses
-import json
 import math
 
 import open_clip
@@ -26,16 +25,11 @@ def one_thread():
 
 
 @pytest.fixture(scope="module")
-def cfg(tmp_path_factory):
+def cfg(tiny_clip):
     """A toy-structured Config on a 6-block, 4-head tiny CLIP with random weights saved as a local file."""
-    folder = tmp_path_factory.mktemp("tiny_clip")
-    (folder / "tiny_clip.json").write_text(json.dumps(TINY_CLIP))
-    torch.manual_seed(0)
-    clip = open_clip.model.CLIP(**TINY_CLIP)
-    clip.logit_scale.data.fill_(math.log(100.0))
-    torch.save(clip.state_dict(), folder / "tiny_clip.pt")
+    config, weights = tiny_clip(TINY_CLIP)
     return dataclasses.replace(
-        san.PRESETS["toy"], clip_model=str(folder / "tiny_clip.json"), clip_pretrained=str(folder / "tiny_clip.pt"),
+        san.PRESETS["toy"], clip_model=str(config), clip_pretrained=str(weights),
         class_names=VOCAB, num_classes=3, crop_size=64, side_width=32, side_depth=4, side_heads=2,
         side_image_size=64, num_queries=6, deep_supervision=(3, 4), decoder_dim=32, num_points=256)
 

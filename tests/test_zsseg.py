@@ -2,7 +2,6 @@
 matching with no target, the `_base` layouts, and train.py -> eval.py with --image/--vocab, on a tiny random CLIP."""
 import dataclasses
 import json
-import math
 import os
 import subprocess
 import sys
@@ -10,7 +9,6 @@ from pathlib import Path
 from types import SimpleNamespace
 
 import numpy as np
-import open_clip
 import pytest
 import torch
 from PIL import Image
@@ -34,14 +32,8 @@ def one_thread():
 
 
 @pytest.fixture(scope="module")
-def clip_files(tmp_path_factory):
-    folder = tmp_path_factory.mktemp("tiny_clip")
-    (folder / "tiny_clip.json").write_text(json.dumps(TINY_CLIP))
-    torch.manual_seed(0)
-    clip = open_clip.model.CLIP(**TINY_CLIP)
-    clip.logit_scale.data.fill_(math.log(100.0))
-    torch.save(clip.state_dict(), folder / "tiny_clip.pt")
-    return folder / "tiny_clip.json", folder / "tiny_clip.pt"
+def clip_files(tiny_clip):
+    return tiny_clip(TINY_CLIP)
 
 
 @pytest.fixture(scope="module")
