@@ -416,7 +416,7 @@ def box_reg_loss(box_regression, labels, regression_targets):
     """Smooth-L1 (beta 1/9) on the positive RoIs' class-specific deltas, summed and divided by the number of sampled
     RoIs (torchvision's fastrcnn_loss box term). box_regression (R, (K+1) * 4), labels (R,), targets (R, 4)."""
     pos = torch.where(labels > 0)[0]
-    deltas = box_regression.reshape(len(labels), -1, 4)[pos, labels[pos]]  # (P, 4)
+    deltas = box_regression.unflatten(1, (-1, 4))[pos, labels[pos]]  # (R, K+1, 4) -> (P, 4); R may be 0
     loss = F.smooth_l1_loss(deltas, regression_targets[pos], beta=1 / 9, reduction="sum")
     return loss / max(labels.numel(), 1)
 

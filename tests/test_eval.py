@@ -35,3 +35,37 @@ def test_seen_unseen_harmonic():
     m = evaluation.segmentation_metrics(conf, seen=[0, 1])
     assert m["mIoU_seen"] == pytest.approx(100) and m["mIoU_unseen"] == pytest.approx(50)
     assert m["hIoU"] == pytest.approx(2 * 100 * 50 / 150)
+
+
+def coco_case(detections):
+    """Two images, two classes (category ids 1, 2). Image 1: a large class-1 box and a small class-2 box; image 2: a
+    second large class-1 box. Boxes xywh."""
+    images = [{"id": 1, "height": 200, "width": 200}, {"id": 2, "height": 200, "width": 200}]
+    truths = [{"image_id": 1, "category_id": 1, "bbox": [10, 10, 100, 100], "area": 10000, "iscrowd": 0},
+              {"image_id": 1, "category_id": 2, "bbox": [150, 150, 20, 20], "area": 400, "iscrowd": 0},
+              {"image_id": 2, "category_id": 1, "bbox": [50, 50, 100, 100], "area": 10000, "iscrowd": 0}]
+    coco = evaluation.coco_from_boxes(images, truths, num_classes=2)
+    return evaluation.coco_box_metrics(coco, detections, [1, 2])
+
+
+def test_coco_box_map_perfect_detections():
+    found = [{"image_id": 1, "category_id": 1, "bbox": [10, 10, 100, 100], "score": 0.9},
+             {"image_id": 1, "category_id": 2, "bbox": [150, 150, 20, 20], "score": 0.8},
+             {"image_id": 2, "category_id": 1, "bbox": [50, 50, 100, 100], "score": 0.7}]
+    assert coco_case(found) == pytest.approx({"AP": 100, "AP50": 100, "AP75": 100, "APs": 100, "APm": -1, "APl": 100})
+    assert coco_case([]) == {k: 0.0 for k in ("AP", "AP50", "AP75", "APs", "APm", "APl")}
+
+
+def test_coco_box_map_by_hand():
+    """Class 1: the image-1 box found exactly (score 0.9), a false positive (0.8), the image-2 box missed: precision 1
+    up to recall 1/2, so 51 of COCO's 101 recall points have precision 1 -> AP 100 * 51/101 at every IoU threshold.
+    Class 2: found with IoU 0.72 (height 14.4 of 20): a hit at the IoU thresholds 0.50 ... 0.70 (5 of 10), a miss at
+    0.75 ... 0.95 -> AP 50, AP50 100, AP75 0. The mean over the two classes; APs is class 2's, APl class 1's."""
+    found = [{"image_id": 1, "category_id": 1, "bbox": [10, 10, 100, 100], "score": 0.9},
+             {"image_id": 2, "category_id": 1, "bbox": [0, 150, 40, 40], "score": 0.8},
+             {"image_id": 1, "category_id": 2, "bbox": [150, 150, 20, 14.4], "score": 0.8}]
+    class1 = 100 * 51 / 101
+    expected = {"AP": (class1 + 50) / 2, "AP50": (class1 + 100) / 2, "AP75": (class1 + 0) / 2, "APs": 50.0,
+                "APm": -1.0, "APl": class1}
+    got = coco_case(found)
+    assert got == pytest.approx(expected, abs=1e-6)

@@ -144,6 +144,20 @@ def test_empty_images_and_empty_pseudo_boxes_give_finite_losses(initial_thr):
     assert all(p.grad is None for p in wrapper.teacher.parameters())
 
 
+def test_box_reg_loss_by_hand_and_with_no_sampled_roi():
+    """Smooth-L1 (beta 1/9) on the positive RoIs' deltas of their own class, divided by all sampled RoIs; none at all
+    (an image whose RPN kept no proposal and which has no target) gives 0, not a reshape error."""
+    regression = torch.zeros(3, 3 * 4)  # R = 3 RoIs, K + 1 = 3 classes
+    regression[0, 2 * 4:] = torch.tensor([0.5, 0.0, 0.0, 0.0])  # RoI 0, class 2: off by 0.5 in dx
+    regression[1, 4:8] = 1.0  # RoI 1 is background: its class-1 deltas must not count
+    labels = torch.tensor([2, 0, 1])
+    loss = st.box_reg_loss(regression, labels, torch.zeros(3, 4))
+    assert loss.item() == pytest.approx((0.5 - 0.5 / 9) / 3)  # smooth-L1(0.5) = |x| - beta / 2, over 3 RoIs
+    empty = st.box_reg_loss(torch.zeros(0, 12, requires_grad=True), torch.zeros(0, dtype=torch.int64),
+                            torch.zeros(0, 4))
+    assert empty.item() == 0.0 and empty.requires_grad
+
+
 def test_supervised_loss_falls_on_a_batch_it_overfits():
     torch.manual_seed(0)
     cfg = replace(TINY_CFG, unsup_weight=0.0, num_unsup=0)
