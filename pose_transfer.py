@@ -23,6 +23,7 @@ them: the PDF was not at hand to check its own numbering):
   losses: GAN, L1 + perceptual ................................ Eq. 4-6
   ImagePool, PoseTransfer (training wrapper, one call per optimizer) ... training details
   build_model, __main__ self-check
+  OFFICIAL_KEYS, convert_official_state_dict ................... the released Market / DeepFashion generators
 
 Differences from the official code (each also said at its line):
   - The discriminators end in no sigmoid: the vanilla GAN loss (Market, --no_lsgan) is BCE-with-logits, which equals
@@ -43,6 +44,7 @@ Shapes: B batch, H x W image (Market 128 x 64, DeepFashion 256 x 176), K = 18 ke
 codes at H/4 x W/4 (256 x 32 x 16 on Market). Images are in [0, 1] in batches and [-1, 1] inside the networks.
 """
 import math
+import re
 from collections import OrderedDict
 from dataclasses import dataclass
 
@@ -417,6 +419,98 @@ def build_model(cfg, pretrained=True):
         if getattr(cfg, field) not in allowed:
             raise ValueError(f"{field} must be one of {allowed}, got {getattr(cfg, field)!r}")
     return PoseTransfer(cfg, pretrained)
+
+
+# ----------------------------------------------------------------------------------------------------------------------
+# Released checkpoints: tengteng95/Pose-Transfer's latest_net_netG.pth (Market-1501 and DeepFashion generators)
+# ----------------------------------------------------------------------------------------------------------------------
+# (official key regex, our key), read from tengteng95/Pose-Transfer models/model_variants.py (PATNetwork holds PATNModel
+# as `model`; PATBlock) and models/networks.py (define_G: 9 blocks; get_norm_layer). The official Sequentials have our
+# layout index for index, reflection pads, ReLUs and the generator's Dropout(0.5) included, so only the names change:
+#   stream1_down, stream2_down  [pad, 7x7 conv, norm, ReLU] + 2 x [stride-2 conv, norm, ReLU]   = our encoders
+#   att.i.conv_block_stream1    [pad, conv, norm, ReLU, dropout, pad, conv, norm]                = our PATB conv_P
+#   att.i.conv_block_stream2    [pad, conv, norm, ReLU, dropout, pad, conv] (the mask's logits)  = our PATB conv_S
+#   stream1_up                  2 x [transposed conv, norm, ReLU], pad, 7x7 conv, tanh           = our decoder
+# (A generator trained with --no_dropout has its second block conv at index 5: it needs a config with dropout=0.)
+OFFICIAL_KEYS = (
+    (r"model\.stream1_down\.(\d+)\.(.+)", r"generator.image_encoder.\1.\2"),  # the image pathway (P_c)
+    (r"model\.stream2_down\.(\d+)\.(.+)", r"generator.pose_encoder.\1.\2"),  # the pose pathway (S_c, S_t)
+    (r"model\.att\.(\d+)\.conv_block_stream1\.(\d+)\.(.+)", r"generator.blocks.\1.conv_P.\2.\3"),
+    (r"model\.att\.(\d+)\.conv_block_stream2\.(\d+)\.(.+)", r"generator.blocks.\1.conv_S.\2.\3"),
+    (r"model\.stream1_up\.(\d+)\.(.+)", r"generator.decoder.\1.\2"),
+)
+
+
+def listing(keys, n=20):
+    """The first n keys and how many more, for error messages."""
+    return str(keys[:n]) + (f" and {len(keys) - n} more" if len(keys) > n else "")
+
+
+def official_name_to_ours(key):
+    """One official key -> our key, or None if no rule of OFFICIAL_KEYS matches it."""
+    for pattern, target in OFFICIAL_KEYS:
+        m = re.fullmatch(pattern, key)
+        if m:
+            return m.expand(target)
+    return None
+
+
+def official_weights(checkpoint):
+    """The released latest_net_netG.pth is already the generator's plain state dict (base_model.save_network)."""
+    return checkpoint
+
+
+def official_preset(state):
+    """The preset of a released generator, told by its first norm layer: a BatchNorm's affine weight says "market"
+    (--norm batch); none, with biased convs, says "deepfashion" (--norm instance: InstanceNorm without affine)."""
+    if "model.stream1_down.2.weight" in state:
+        return "market"
+    if "model.stream1_down.1.bias" in state:
+        return "deepfashion"
+    return None
+
+
+def convert_official_state_dict(official, cfg):
+    """A released PATN generator (a state dict of the official PATNetwork) -> the state dict of build_model(cfg,
+    pretrained=False).
+
+    Both releases were saved by PyTorch 0.3. Market's BatchNorm layers lack `num_batches_tracked` (added in 0.4.1; only
+    read with momentum=None): it is filled with 0. DeepFashion's InstanceNorm (affine=False) layers carry
+    running_mean / running_var buffers that 0.3 kept up to date but never read (it always normalised with the input's
+    own statistics) and that PyTorch >= 0.4 rejects: they are dropped, as the official tool/rm_insnorm_running_vars.py
+    does. Any other official key that maps nowhere, a generator weight of ours left unfilled, or a shape that differs,
+    raises a ValueError listing them. The release holds the generator only: the discriminators, the image pools and
+    the VGG19 layers of the returned state dict are those of a fresh build_model(cfg, pretrained=False) (random), which
+    generation and eval.py never use; the converted checkpoint is for evaluation, not for resuming GAN training."""
+    official = official_weights(official)
+    wrapper = build_model(cfg, pretrained=False)
+    ours = wrapper.state_dict()
+    instance_norms = {f"generator.{n}" for n, m in wrapper.generator.named_modules()
+                      if isinstance(m, nn.InstanceNorm2d)}
+    out, unknown, mismatched = {}, [], []
+    for key, value in official.items():
+        name = official_name_to_ours(key)
+        module, _, leaf = (name or "").rpartition(".")
+        if module in instance_norms and leaf in ("running_mean", "running_var"):
+            continue  # PyTorch 0.3's unused InstanceNorm statistics (DeepFashion)
+        if name not in ours:
+            unknown.append(key if name is None else f"{key} (-> {name})")
+        elif ours[name].shape != value.shape:
+            mismatched.append(f"{key} {tuple(value.shape)} -> {name} {tuple(ours[name].shape)}")
+        else:
+            out[name] = value.to(ours[name].dtype)
+    generator = {k for k in ours if k.startswith("generator.")}
+    out.update({k: torch.zeros_like(ours[k]) for k in generator - set(out) if k.endswith(".num_batches_tracked")})
+    missing = sorted(generator - set(out))
+    if unknown or missing or mismatched:
+        hint = (" (a block's second conv at index 5 means a generator trained with --no_dropout: use dropout=0)"
+                if any(re.search(r"conv_block_stream\d\.5\.weight", k) for k in unknown) else "")
+        raise ValueError(f"the checkpoint does not fit the PATN generator with this config ({len(unknown)} unknown, "
+                         f"{len(missing)} missing, {len(mismatched)} mis-shaped keys): unknown {listing(unknown)}, "
+                         f"missing {listing(missing)}, mis-shaped {listing(mismatched)}{hint}")
+    out.update({k: v for k, v in ours.items() if k not in generator})  # not released: fresh (unused by generation)
+    wrapper.load_state_dict(out)  # strict: a last check
+    return out
 
 
 if __name__ == "__main__":

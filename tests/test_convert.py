@@ -411,3 +411,184 @@ def test_ann_deepstem_imagenet_weights_load_from_a_local_file(official_ann, tmp_
     ours = backbone.state_dict()
     for key, value in official_ann.backbone.state_dict().items():
         assert torch.equal(ours[key.replace("prefix.", "stem.")], value), key
+
+
+# ----------------------------------------------------------------------------------------------------------------------
+# PATN: a plain-PyTorch restatement of the official generator's layout (tengteng95/Pose-Transfer
+# models/model_variants.py PATNetwork / PATNModel / PATBlock, networks.py get_norm_layer), its names and its forward
+# ----------------------------------------------------------------------------------------------------------------------
+def official_norm(kind):  # get_norm_layer: affine BatchNorm (Market) or InstanceNorm without affine (DeepFashion)
+    return nn.BatchNorm2d if kind == "batch" else (lambda c: nn.InstanceNorm2d(c, affine=False))
+
+
+class OfficialPATBlock(nn.Module):
+    def __init__(self, dim, norm, bias, dropout, cated):
+        super().__init__()
+        c = 2 * dim if cated else dim
+
+        def branch(cin, attention):
+            layers = [nn.ReflectionPad2d(1), nn.Conv2d(cin, cin, 3, bias=bias), norm(cin), nn.ReLU(True)]
+            layers += [nn.Dropout(0.5)] if dropout else []
+            layers += [nn.ReflectionPad2d(1), nn.Conv2d(cin, dim, 3, bias=bias)]
+            return nn.Sequential(*layers, *([] if attention else [norm(dim)]))
+
+        self.conv_block_stream1, self.conv_block_stream2 = branch(dim, False), branch(c, True)
+
+    def forward(self, x1, x2):
+        x1_out, x2_out = self.conv_block_stream1(x1), self.conv_block_stream2(x2)
+        out = x1 + x1_out * torch.sigmoid(x2_out)
+        return out, torch.cat((x2_out, out), 1)
+
+
+class OfficialPATNModel(nn.Module):
+    def __init__(self, ngf, kind, dropout, n_blocks, pose_nc=36):
+        super().__init__()
+        norm, bias = official_norm(kind), kind == "instance"
+
+        def down(cin):
+            layers = [nn.ReflectionPad2d(3), nn.Conv2d(cin, ngf, 7, bias=bias), norm(ngf), nn.ReLU(True)]
+            for mult in (1, 2):
+                layers += [nn.Conv2d(ngf * mult, ngf * mult * 2, 3, 2, 1, bias=bias), norm(ngf * mult * 2),
+                           nn.ReLU(True)]
+            return nn.Sequential(*layers)
+
+        self.stream1_down, self.stream2_down = down(3), down(pose_nc)
+        self.att = nn.ModuleList(OfficialPATBlock(4 * ngf, norm, bias, dropout, i > 0) for i in range(n_blocks))
+        up = []
+        for mult in (4, 2):
+            up += [nn.ConvTranspose2d(ngf * mult, ngf * mult // 2, 3, 2, 1, output_padding=1, bias=bias),
+                   norm(ngf * mult // 2), nn.ReLU(True)]
+        self.stream1_up = nn.Sequential(*up, nn.ReflectionPad2d(3), nn.Conv2d(ngf, 3, 7), nn.Tanh())
+
+    def forward(self, x1, x2):
+        x1, x2 = self.stream1_down(x1), self.stream2_down(x2)
+        for block in self.att:
+            x1, x2 = block(x1, x2)
+        return self.stream1_up(x1)
+
+
+class OfficialPATNetwork(nn.Module):
+    def __init__(self, *args, **kwargs):
+        super().__init__()
+        self.model = OfficialPATNModel(*args, **kwargs)
+
+    def forward(self, image, poses):
+        return self.model(image, poses)
+
+
+def official_patn(kind, ngf=8, n_blocks=3, dropout=True, seed=0):
+    """A small official-layout generator with random weights and BatchNorm statistics, in eval mode."""
+    torch.manual_seed(seed)
+    net = OfficialPATNetwork(ngf, kind, dropout, n_blocks).eval()
+    with torch.no_grad():
+        for m in net.modules():
+            if isinstance(m, nn.BatchNorm2d):
+                m.running_mean.uniform_(-0.2, 0.2), m.running_var.uniform_(0.5, 1.5)
+                m.weight.uniform_(0.5, 1.5), m.bias.uniform_(-0.2, 0.2)
+            elif isinstance(m, (nn.Conv2d, nn.ConvTranspose2d)) and m.bias is not None:
+                m.bias.uniform_(-0.1, 0.1)
+    return net
+
+
+def as_pytorch03(net, kind):
+    """The state dict as PyTorch 0.3 saved it: BatchNorm without num_batches_tracked; InstanceNorm with its (unused)
+    running_mean / running_var buffers."""
+    state = {k: v for k, v in net.state_dict().items() if not k.endswith("num_batches_tracked")}
+    if kind == "instance":
+        for name, m in net.named_modules():
+            if isinstance(m, nn.InstanceNorm2d):
+                state[f"{name}.running_mean"] = torch.rand(m.num_features)
+                state[f"{name}.running_var"] = torch.rand(m.num_features) + 0.5
+    return state
+
+
+def tiny_patn_cfg(kind):
+    import pose_transfer
+    preset = "market" if kind == "batch" else "deepfashion"
+    return dataclasses.replace(pose_transfer.PRESETS[preset], ngf=8, ndf=8, n_blocks=3, image_size=(32, 16),
+                               pool_size=2)
+
+
+@pytest.mark.parametrize("kind", ["batch", "instance"])
+def test_patn_released_generator_converts_and_matches_the_official_forward(kind):
+    import pose_transfer
+    official = official_patn(kind)
+    state = as_pytorch03(official, kind)
+    assert pose_transfer.official_preset(state) == ("market" if kind == "batch" else "deepfashion")
+    cfg = tiny_patn_cfg(kind)
+    converted = pose_transfer.convert_official_state_dict(state, cfg)
+    ours = pose_transfer.build_model(cfg, pretrained=False).eval()
+    ours.load_state_dict(converted)
+    m, g = official.model, ours.generator  # specific tensors, placed by hand
+    assert torch.equal(g.image_encoder[1].weight, m.stream1_down[1].weight)
+    assert torch.equal(g.pose_encoder[7].weight, m.stream2_down[7].weight)
+    assert torch.equal(g.blocks[2].conv_P[6].weight, m.att[2].conv_block_stream1[6].weight)  # after the dropout
+    assert torch.equal(g.blocks[1].conv_S[6].weight, m.att[1].conv_block_stream2[6].weight)
+    assert g.blocks[1].conv_S[6].weight.shape == (32, 64, 3, 3)  # a later block's pose branch: 2C -> C
+    assert torch.equal(g.decoder[7].bias, m.stream1_up[7].bias)
+    if kind == "batch":
+        assert torch.equal(g.blocks[0].conv_P[2].running_var, m.att[0].conv_block_stream1[2].running_var)
+        filled = [k for k in converted if k.startswith("generator.") and k.endswith("num_batches_tracked")]
+        assert len(filled) == 3 + 3 + 3 * 3 + 2 and all(converted[k] == 0 for k in filled)  # Market: filled
+    else:
+        assert not any("running" in k for k in converted if k.startswith("generator."))  # DeepFashion: dropped
+        assert any(k.endswith("running_mean") for k in state)
+    image, poses = torch.rand(2, 3, 32, 16) * 2 - 1, torch.rand(2, 36, 32, 16)
+    with torch.no_grad():
+        expected = official(image, poses)
+        got = ours.generator(image, poses[:, :18], poses[:, 18:])
+    assert torch.allclose(got, expected, atol=1e-5)
+
+
+def test_patn_paper_key_list_maps_one_to_one():
+    """The full-size official generators (ngf 64, 9 blocks, dropout) map key for key, shape for shape, onto the whole
+    generator of our market and deepfashion presets."""
+    import pose_transfer
+    for kind, preset in (("batch", "market"), ("instance", "deepfashion")):
+        with torch.device("meta"):
+            official = OfficialPATNetwork(64, kind, True, 9)
+            ours = pose_transfer.build_model(pose_transfer.PRESETS[preset], pretrained=False).state_dict()
+        state = as_pytorch03(official, "batch")  # shapes only (no InstanceNorm statistics: what the tool leaves)
+        assert pose_transfer.official_preset(state) == preset
+        mapped = {pose_transfer.official_name_to_ours(k): v.shape for k, v in state.items()}
+        generator = {k: v.shape for k, v in ours.items()
+                     if k.startswith("generator.") and not k.endswith("num_batches_tracked")}
+        assert mapped == generator
+        assert sum(v.numel() for k, v in state.items() if "running" not in k) == sum(
+            p.numel() for p in pose_transfer.PATNGenerator(pose_transfer.PRESETS[preset]).parameters())
+
+
+def test_patn_bad_keys_are_listed():
+    import pose_transfer
+    cfg = tiny_patn_cfg("batch")
+    state = as_pytorch03(official_patn("batch"), "batch")
+    del state["model.stream1_up.7.bias"]
+    state["model.att.3.conv_block_stream1.1.weight"] = torch.zeros(32, 32, 3, 3)  # a 4th block: cfg has 3
+    state["model.stream1_down.1.weight"] = torch.zeros(8, 3, 5, 5)
+    with pytest.raises(ValueError) as e:
+        pose_transfer.convert_official_state_dict(state, cfg)
+    msg = str(e.value)
+    assert "1 unknown, 2 missing, 1 mis-shaped" in msg and "model.att.3.conv_block_stream1.1.weight" in msg
+    assert "generator.decoder.7.bias" in msg and "generator.image_encoder.1.weight" in msg
+    no_dropout = as_pytorch03(official_patn("batch", dropout=False), "batch")  # second convs at index 5, not 6
+    with pytest.raises(ValueError, match="--no_dropout"):
+        pose_transfer.convert_official_state_dict(no_dropout, cfg)
+    assert pose_transfer.convert_official_state_dict(no_dropout, dataclasses.replace(cfg, dropout=0.0))
+
+
+def test_convert_py_writes_a_pose_transfer_checkpoint(tmp_path, monkeypatch):
+    import pose_transfer
+    official = official_patn("instance")
+    src, dst = tmp_path / "latest_net_netG.pth", tmp_path / "patn" / "ckpt.pt"
+    torch.save(as_pytorch03(official, "instance"), src)
+    monkeypatch.setattr(pose_transfer, "PRESETS", {**pose_transfer.PRESETS, "tiny": tiny_patn_cfg("instance")})
+    assert convert.convert("pose_transfer", src, dst, preset="tiny") == "tiny"
+    ckpt = torch.load(dst, map_location="cpu", weights_only=True)
+    model = pose_transfer.build_model(pose_transfer.Config(**ckpt["config"]), pretrained=False).eval()
+    model.load_state_dict(ckpt["model"])  # strict, as eval.py loads it
+    batch = {"source": torch.rand(1, 3, 32, 16), "source_pose": torch.rand(1, 18, 32, 16),
+             "target_pose": torch.rand(1, 18, 32, 16)}
+    with torch.no_grad():
+        expected = (official(batch["source"] * 2 - 1, torch.cat([batch["source_pose"], batch["target_pose"]], 1))
+                    .clamp(-1, 1) + 1) / 2
+    assert torch.allclose(model.predict(batch), expected, atol=1e-5)
