@@ -22,6 +22,7 @@ File map (section -> paper):
   masked_crops, ensemble ................. Sec. 3.2 mask-crop CLIP classification, the seen/unseen geometric ensemble
   HungarianMatcher, SetCriterion ......... MaskFormer v1: class + focal + dice matching and losses, deep supervision
   ZSSegWrapper ........................... stage 0 then stage 1 in one training loop, inference, proposals for plots
+  OFFICIAL_KEYS, convert_official_... .... the two released COCO-Stuff models (R101c) -> our weights
 
 Differences from the official code:
   1. Backbone: torchvision's ResNet (7x7 stem, no dilation, weights by torchvision name or a local file) instead of
@@ -41,6 +42,8 @@ Labels: 255 = ignore; no-object is index K of the logits. Shapes: B batch, Q que
 D CLIP embedding, E decoder width, T GT masks, N valid proposals, S CLIP input side, H x W image, h x w at 1/4.
 """
 import os
+import re
+from collections import OrderedDict
 from dataclasses import dataclass, replace
 
 import open_clip
@@ -85,7 +88,8 @@ class Config:
     prompt_iters: int = 16000  # stage 0: the first iterations train only the context vectors
     prompt_lr: float = 2e-3  # AdamW lr of the context vectors (official: SGD 0.02, cosine, separate run)
     # mask proposals (MaskFormer)
-    backbone: str = "resnet101"  # torchvision ResNet name, or "resnet10" (BasicBlock x [1,1,1,1], for the toy)
+    backbone: str = "resnet101"  # torchvision ResNet name, "resnet101c" (detectron2's DeepLab R101c: deep stem,
+    # res5 multi-grid; the released models' backbone) or "resnet10" (BasicBlock x [1,1,1,1], for the toy)
     backbone_weights: str = "IMAGENET1K_V2"  # torchvision weights name, a local state-dict file, or "none"
     conv_dim: int = 256  # pixel decoder width
     mask_dim: int = 256  # per-pixel / mask embedding dim
@@ -135,7 +139,8 @@ PRESETS = {
     "paper_voc": Config(train_dataset="voc_20_base", eval_datasets=("voc_20",), num_classes=15, crop_size=512,
                         base_size=512, scale_range=(1.0, 1.0), prompt_iters=3200, ensemble_weight=0.7,
                         batch_size=16, max_iters=23200),
-    # Cross-dataset: trained on all 171 COCO-Stuff classes with ViLD prompts, 120k iterations (the released model).
+    # Cross-dataset: trained on all 171 COCO-Stuff classes with ViLD prompts, 120k iterations (the released
+    # cross-dataset model was trained on the 156 seen classes instead: paper_cross_r101c).
     "paper_cross": Config(train_dataset="coco_stuff_171", eval_datasets=CROSS_DATASET_SETS, num_classes=171,
                           prompt="vild", prompt_iters=0, max_iters=120000, ensemble_weight=0.7),
     "toy": Config(  # the 8 seen colour x shape classes; evaluated on all 12 (4 unseen); CPU sizes
@@ -148,6 +153,13 @@ PRESETS = {
         backbone_multiplier=1.0, eval_interval=600, log_interval=50, ckpt_interval=300, num_workers=2),
 }
 PRESETS["paper"] = PRESETS["paper_coco"]
+# The two released models (convert_official_state_dict), on the official R101c backbone. Its ImageNet weights
+# (detectron2's DeepLab R-103.pkl) are not read by this file: to train these presets from ImageNet, backbone_weights
+# must be a local state dict of "resnet101c" in this file's names.
+PRESETS["paper_coco_r101c"] = replace(PRESETS["paper_coco"], backbone="resnet101c", backbone_weights="R-103.pth")
+PRESETS["paper_cross_r101c"] = replace(  # the official README: 156 seen classes, ViLD prompts, 120k iterations
+    PRESETS["paper_cross"], train_dataset="coco_stuff_171_base", num_classes=156, backbone="resnet101c",
+    backbone_weights="R-103.pth")
 
 
 def prerequisites(cfg):
@@ -227,6 +239,17 @@ def build_backbone(cfg, pretrained=True):
     norm = nn.BatchNorm2d if scratch else torchvision.ops.FrozenBatchNorm2d
     if cfg.backbone == "resnet10":  # toy: one BasicBlock per stage, widths 64..512
         net = torchvision.models.resnet.ResNet(torchvision.models.resnet.BasicBlock, [1, 1, 1, 1], norm_layer=norm)
+    elif cfg.backbone == "resnet101c":  # detectron2's DeepLab ResNet-101 (build_resnet_deeplab_backbone, R101c)
+        net = torchvision.models.resnet101(weights=None, norm_layer=norm)
+        del net.conv1, net.bn1  # the deep stem: three 3x3 convs 3 -> 64 -> 64 -> 128, the first with stride 2
+        net.stem = nn.Sequential(OrderedDict(
+            conv1=nn.Conv2d(3, 64, 3, 2, 1, bias=False), bn1=norm(64), relu1=nn.ReLU(),
+            conv2=nn.Conv2d(64, 64, 3, 1, 1, bias=False), bn2=norm(64), relu2=nn.ReLU(),
+            conv3=nn.Conv2d(64, 128, 3, 1, 1, bias=False), bn3=norm(128), relu3=nn.ReLU()))
+        net.layer1[0].conv1 = nn.Conv2d(128, 64, 1, bias=False)  # res2 takes the stem's 128 channels
+        net.layer1[0].downsample[0] = nn.Conv2d(128, 256, 1, bias=False)
+        for block, grid in zip(net.layer4, (1, 2, 4)):  # res5 multi-grid: its 3x3 convs dilated 1, 2, 4 (stride 32)
+            block.conv2.dilation = block.conv2.padding = (grid, grid)
     else:
         net = torchvision.models.get_model(cfg.backbone, weights=None, norm_layer=norm)
     w = cfg.backbone_weights
@@ -234,6 +257,10 @@ def build_backbone(cfg, pretrained=True):
         print(f"zsseg: backbone {cfg.backbone} trains from scratch (backbone_weights='none')")
     elif pretrained and os.path.isfile(w):
         net.load_state_dict(torch.load(w, map_location="cpu", weights_only=True))
+    elif pretrained and cfg.backbone == "resnet101c":
+        raise FileNotFoundError(f"no resnet101c weights file {w!r}: R101c has no torchvision weights; pass "
+                                "--backbone_weights PATH (a state dict of it in this file's names; detectron2's "
+                                "R-103.pkl is not read) or 'none'")
     elif pretrained:
         try:
             weights = torchvision.models.get_model_weights(cfg.backbone)[w]
@@ -251,7 +278,7 @@ def build_backbone(cfg, pretrained=True):
 
 def backbone_features(net, x):
     """x (B, 3, H, W) -> [res2 (B, C2, H/4, W/4), res3 /8, res4 /16, res5 (B, C5, H/32, W/32)]."""
-    x = net.maxpool(net.relu(net.bn1(net.conv1(x))))
+    x = net.maxpool(net.stem(x) if hasattr(net, "stem") else net.relu(net.bn1(net.conv1(x))))
     feats = []
     for layer in (net.layer1, net.layer2, net.layer3, net.layer4):
         x = layer(x)
@@ -647,6 +674,123 @@ def build_model(cfg, pretrained=True):
 # Copied from san.count_trainable
 def count_trainable(module):
     return sum(p.numel() for p in module.parameters() if p.requires_grad)
+
+
+# ----------------------------------------------------------------------------------------------------------------------
+# Released checkpoints: MendelXu/zsseg.baseline's zero-shot (learned prompts) and cross-dataset (ViLD) COCO-Stuff models
+# ----------------------------------------------------------------------------------------------------------------------
+# (official key regex, our key: a regex replacement or a function of the match), read from MendelXu/zsseg.baseline
+# mask_former/{zero_shot_mask_former_model, mask_former_model}.py, modeling/heads/{zero_shot_mask_former_head,
+# pixel_decoder}.py, modeling/transformer/{zero_shot_transformer_predictor, transformer_predictor, transformer}.py,
+# modeling/clip_adapter/{adapter, text_prompt}.py, and detectron2's projects/deeplab/resnet.py (the R101c backbone:
+# each conv holds its FrozenBN as `.norm`; stages res2..res5 are torchvision's layer1..layer4).
+OFFICIAL_KEYS = (
+    # backbone: the DeepLab stem, then BottleneckBlocks (conv1..3, a shortcut conv where the width changes)
+    (r"backbone\.stem\.conv(\d)\.weight", r"net.backbone.stem.conv\1.weight"),
+    (r"backbone\.stem\.conv(\d)\.norm\.(.+)", r"net.backbone.stem.bn\1.\2"),
+    (r"backbone\.res(\d)\.(\d+)\.conv(\d)\.weight",
+     lambda m: f"net.backbone.layer{int(m[1]) - 1}.{m[2]}.conv{m[3]}.weight"),
+    (r"backbone\.res(\d)\.(\d+)\.conv(\d)\.norm\.(.+)",
+     lambda m: f"net.backbone.layer{int(m[1]) - 1}.{m[2]}.bn{m[3]}.{m[4]}"),
+    (r"backbone\.res(\d)\.(\d+)\.shortcut\.weight",
+     lambda m: f"net.backbone.layer{int(m[1]) - 1}.{m[2]}.downsample.0.weight"),
+    (r"backbone\.res(\d)\.(\d+)\.shortcut\.norm\.(.+)",
+     lambda m: f"net.backbone.layer{int(m[1]) - 1}.{m[2]}.downsample.1.{m[3]}"),
+    # pixel decoder (BasePixelDecoder, GroupNorm): layer_4 is the 3x3 conv on res5; adapter_i / layer_i the lateral
+    # 1x1 and output 3x3 convs of res(i+1); each conv's GroupNorm is its `.norm`
+    (r"sem_seg_head\.pixel_decoder\.layer_4\.weight", r"net.pixel_decoder.top.0.weight"),
+    (r"sem_seg_head\.pixel_decoder\.layer_4\.norm\.(.+)", r"net.pixel_decoder.top.1.\1"),
+    (r"sem_seg_head\.pixel_decoder\.adapter_([123])\.weight",
+     lambda m: f"net.pixel_decoder.lateral.{int(m[1]) - 1}.0.weight"),
+    (r"sem_seg_head\.pixel_decoder\.adapter_([123])\.norm\.(.+)",
+     lambda m: f"net.pixel_decoder.lateral.{int(m[1]) - 1}.1.{m[2]}"),
+    (r"sem_seg_head\.pixel_decoder\.layer_([123])\.weight",
+     lambda m: f"net.pixel_decoder.output.{int(m[1]) - 1}.0.weight"),
+    (r"sem_seg_head\.pixel_decoder\.layer_([123])\.norm\.(.+)",
+     lambda m: f"net.pixel_decoder.output.{int(m[1]) - 1}.1.{m[2]}"),
+    (r"sem_seg_head\.pixel_decoder\.mask_features\.(.+)", r"net.pixel_decoder.mask_features.\1"),
+    # transformer predictor: DETR decoder (no encoder layers), queries, input projection, mask and class MLPs
+    (r"sem_seg_head\.predictor\.(query_embed|input_proj|mask_embed|class_embed)\.(.+)", r"net.\1.\2"),
+    (r"sem_seg_head\.predictor\.transformer\.decoder\.norm\.(.+)", r"net.decoder_norm.\1"),
+    (r"sem_seg_head\.predictor\.transformer\.decoder\.layers\.(\d+)\.self_attn\.(.+)",
+     r"net.layers.\1.self_attn.\2"),
+    (r"sem_seg_head\.predictor\.transformer\.decoder\.layers\.(\d+)\.multihead_attn\.(.+)",
+     r"net.layers.\1.cross_attn.\2"),
+    (r"sem_seg_head\.predictor\.transformer\.decoder\.layers\.(\d+)\.linear1\.(.+)", r"net.layers.\1.ffn.0.\2"),
+    (r"sem_seg_head\.predictor\.transformer\.decoder\.layers\.(\d+)\.linear2\.(.+)", r"net.layers.\1.ffn.3.\2"),
+    (r"sem_seg_head\.predictor\.transformer\.decoder\.layers\.(\d+)\.norm([123])\.(.+)",
+     lambda m: f"net.layers.{m[1]}.norms.{int(m[2]) - 1}.{m[3]}"),
+    # the CLIP adapter: OpenAI CLIP (open_clip's names), the no-object embedding, the learned prompt's context
+    (r"clip_adapter\.clip_model\.(.+)", r"clip.\1"),
+    (r"clip_adapter\.non_object_embedding", r"net.non_object"),
+    (r"clip_adapter\.prompt_learner\.prefix_prompt", r"prompt.ctx"),
+)
+OFFICIAL_UNUSED = re.compile(  # buffers of constants that this file does not keep
+    r"criterion\.empty_weight"  # the CE class weights (no-object 0.1), rebuilt from the config
+    r"|clip_adapter\.pixel_(mean|std)"  # CLIP's mean / std x 255 (ours: clip_mean / clip_std, not saved)
+    r"|clip_adapter\.prompt_learner\.(start|dot|end|pad)_signal")  # copies of 4 rows of CLIP's token embedding
+
+
+# Copied from san.listing
+def listing(keys, n=20):
+    """The first n keys and how many more, for error messages."""
+    return str(keys[:n]) + (f" and {len(keys) - n} more" if len(keys) > n else "")
+
+
+def official_name_to_ours(key):
+    """One official key -> our key, or None if no rule of OFFICIAL_KEYS matches it."""
+    for pattern, target in OFFICIAL_KEYS:
+        m = re.fullmatch(pattern, key)
+        if m:
+            return m.expand(target) if isinstance(target, str) else target(m)
+    return None
+
+
+# Copied from san.official_weights
+def official_weights(checkpoint):
+    """The state dict inside a released file: detectron2 saves {"model": state dict, "iteration": ...}."""
+    return checkpoint.get("model", checkpoint)
+
+
+def official_preset(state):
+    """The preset of a released checkpoint: R101c's deep stem (3x3 first conv) is required; the learned prompt's
+    context vectors say the zero-shot model ("paper_coco_r101c"), their absence the ViLD one ("paper_cross_r101c")."""
+    stem = state.get("backbone.stem.conv1.weight")
+    if stem is None or tuple(stem.shape[-2:]) != (3, 3):
+        return None
+    return "paper_coco_r101c" if "clip_adapter.prompt_learner.prefix_prompt" in state else "paper_cross_r101c"
+
+
+def convert_official_state_dict(official, cfg):
+    """A released zsseg checkpoint (detectron2's {"model": ...} or its state dict) -> the state dict of
+    build_model(cfg, pretrained=False); cfg.backbone must be "resnet101c", the released backbone.
+
+    Every official key must map to one of ours with the same shape (the constant buffers of OFFICIAL_UNUSED are
+    skipped), and every key of ours must be filled: otherwise a ValueError lists the unknown, missing and mis-shaped
+    keys, and nothing is returned."""
+    official = official_weights(official)
+    wrapper = build_model(cfg, pretrained=False)
+    ours = wrapper.state_dict()
+    out, unknown, mismatched = {}, [], []
+    for key, value in official.items():
+        if OFFICIAL_UNUSED.fullmatch(key):
+            continue
+        name = official_name_to_ours(key)
+        if name not in ours:
+            unknown.append(key if name is None else f"{key} (-> {name})")
+        elif ours[name].shape != value.shape:
+            mismatched.append(f"{key} {tuple(value.shape)} -> {name} {tuple(ours[name].shape)}")
+        else:
+            out[name] = value.to(ours[name].dtype)
+    missing = sorted(set(ours) - set(out))
+    if unknown or missing or mismatched:
+        hint = (f" (the released models need backbone='resnet101c', this config has {cfg.backbone!r})"
+                if cfg.backbone != "resnet101c" else "")
+        raise ValueError(f"the checkpoint does not fit zsseg with this config ({len(unknown)} unknown, {len(missing)} "
+                         f"missing, {len(mismatched)} mis-shaped keys): unknown {listing(unknown)}, missing "
+                         f"{listing(missing)}, mis-shaped {listing(mismatched)}{hint}")
+    wrapper.load_state_dict(out)  # strict: a last check
+    return out
 
 
 # ----------------------------------------------------------------------------------------------------------------------

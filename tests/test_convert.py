@@ -592,3 +592,205 @@ def test_convert_py_writes_a_pose_transfer_checkpoint(tmp_path, monkeypatch):
         expected = (official(batch["source"] * 2 - 1, torch.cat([batch["source_pose"], batch["target_pose"]], 1))
                     .clamp(-1, 1) + 1) / 2
     assert torch.allclose(model.predict(batch), expected, atol=1e-5)
+
+
+# ----------------------------------------------------------------------------------------------------------------------
+# zsseg: the released detectron2 MaskFormer checkpoints, key names and shapes restated from MendelXu/zsseg.baseline
+# (heads/pixel_decoder.py BasePixelDecoder, transformer/{transformer_predictor, zero_shot_transformer_predictor,
+# transformer}.py, clip_adapter/{adapter, text_prompt}.py, criterion.py) and detectron2's projects/deeplab/resnet.py
+# ----------------------------------------------------------------------------------------------------------------------
+def official_zsseg_shapes(cfg, clip_shapes, learned_prompt, num_classes=156):
+    """{official key: shape} of a released zsseg model for `cfg` (R101c backbone), given the CLIP's {key: shape}."""
+    shapes = {}
+
+    def conv_norm(name, cout, cin, k):  # detectron2 Conv2d(bias=False, norm=FrozenBN)
+        shapes[f"{name}.weight"] = (cout, cin, k, k)
+        shapes.update({f"{name}.norm.{b}": (cout,) for b in ("weight", "bias", "running_mean", "running_var")})
+
+    conv_norm("backbone.stem.conv1", 64, 3, 3), conv_norm("backbone.stem.conv2", 64, 64, 3)
+    conv_norm("backbone.stem.conv3", 128, 64, 3)
+    cin = 128
+    for stage, blocks, width in ((2, 3, 64), (3, 4, 128), (4, 23, 256), (5, 3, 512)):
+        for i in range(blocks):
+            b = f"backbone.res{stage}.{i}"
+            if i == 0:
+                conv_norm(f"{b}.shortcut", 4 * width, cin, 1)
+            conv_norm(f"{b}.conv1", width, cin if i == 0 else 4 * width, 1)
+            conv_norm(f"{b}.conv2", width, width, 3), conv_norm(f"{b}.conv3", 4 * width, width, 1)
+        cin = 4 * width
+    C, M, E, Q, FF = cfg.conv_dim, cfg.mask_dim, cfg.hidden_dim, cfg.num_queries, cfg.dim_feedforward
+    pd, pr = "sem_seg_head.pixel_decoder.", "sem_seg_head.predictor."
+    for i, (cin, k) in enumerate(((256, 1), (512, 1), (1024, 1), (2048, 3)), start=1):  # Conv2d(bias=False, GN)
+        if i < 4:
+            shapes.update({f"{pd}adapter_{i}.weight": (C, cin, 1, 1), f"{pd}adapter_{i}.norm.weight": (C,),
+                           f"{pd}adapter_{i}.norm.bias": (C,)})
+        shapes.update({f"{pd}layer_{i}.weight": (C, C if i < 4 else cin, 3, 3), f"{pd}layer_{i}.norm.weight": (C,),
+                       f"{pd}layer_{i}.norm.bias": (C,)})
+    shapes.update({pd + "mask_features.weight": (M, C, 3, 3), pd + "mask_features.bias": (M,),
+                   pr + "query_embed.weight": (Q, E), pr + "input_proj.weight": (E, 2048, 1, 1),
+                   pr + "input_proj.bias": (E,)})
+    for i in range(cfg.dec_layers):  # DETR TransformerDecoderLayer
+        d = f"{pr}transformer.decoder.layers.{i}."
+        for attn in ("self_attn", "multihead_attn"):
+            shapes.update({f"{d}{attn}.in_proj_weight": (3 * E, E), f"{d}{attn}.in_proj_bias": (3 * E,),
+                           f"{d}{attn}.out_proj.weight": (E, E), f"{d}{attn}.out_proj.bias": (E,)})
+        shapes.update({d + "linear1.weight": (FF, E), d + "linear1.bias": (FF,), d + "linear2.weight": (E, FF),
+                       d + "linear2.bias": (E,)})
+        shapes.update({f"{d}norm{n}.{p}": (E,) for n in (1, 2, 3) for p in ("weight", "bias")})
+    shapes.update({pr + "transformer.decoder.norm.weight": (E,), pr + "transformer.decoder.norm.bias": (E,)})
+    D, H = clip_shapes["text_projection"][1], cfg.embed_hidden_dim
+    for n, (a, b) in enumerate(((E, E), (E, E), (E, M))):
+        shapes.update({f"{pr}mask_embed.layers.{n}.weight": (b, a), f"{pr}mask_embed.layers.{n}.bias": (b,)})
+    for n, (a, b) in enumerate(((E, H), (H, D))):
+        shapes.update({f"{pr}class_embed.layers.{n}.weight": (b, a), f"{pr}class_embed.layers.{n}.bias": (b,)})
+    shapes.update({f"clip_adapter.clip_model.{k}": s for k, s in clip_shapes.items()})
+    shapes.update({"clip_adapter.non_object_embedding": (1, D), "clip_adapter.pixel_mean": (1, 3, 1, 1),
+                   "clip_adapter.pixel_std": (1, 3, 1, 1), "criterion.empty_weight": (num_classes + 1,)})
+    if learned_prompt:  # LearnablePromptExtractor: PROMPT_SHAPE (16, 0), so no suffix_prompt; 4 token-embedding buffers
+        width = clip_shapes["token_embedding.weight"][1]
+        shapes["clip_adapter.prompt_learner.prefix_prompt"] = (cfg.prompt_ctx, width)
+        shapes.update({f"clip_adapter.prompt_learner.{s}_signal": (1, width) for s in ("start", "dot", "end", "pad")})
+    return shapes
+
+
+def official_r101c(o, x):
+    """detectron2's DeepLab ResNet-101 forward (FrozenBN; stride in the 3x3; res5 dilations 1, 2, 4 at stride 2),
+    on the official tensors `o` -> [res2, res3, res4, res5]."""
+    def conv_norm(x, name, stride=1, padding=0, dilation=1, relu=True):
+        x = F.conv2d(x, o[name + ".weight"], None, stride, padding, dilation)
+        n = name + ".norm."
+        x = F.batch_norm(x, o[n + "running_mean"], o[n + "running_var"], o[n + "weight"], o[n + "bias"], False, 0, 1e-5)
+        return F.relu(x) if relu else x
+
+    for i, stride in ((1, 2), (2, 1), (3, 1)):
+        x = conv_norm(x, f"backbone.stem.conv{i}", stride, 1)
+    x, feats = F.max_pool2d(x, 3, 2, 1), []
+    for stage, blocks in ((2, 3), (3, 4), (4, 23), (5, 3)):
+        for i in range(blocks):
+            b, stride = f"backbone.res{stage}.{i}.", 2 if i == 0 and stage > 2 else 1
+            dilation = (1, 2, 4)[i] if stage == 5 else 1
+            out = conv_norm(conv_norm(x, b + "conv1"), b + "conv2", stride, dilation, dilation)
+            out = conv_norm(out, b + "conv3", relu=False)
+            x = F.relu(out + (conv_norm(x, b + "shortcut", stride, relu=False) if i == 0 else x))
+        feats.append(x)
+    return feats
+
+
+@pytest.fixture(scope="module")
+def tiny_zsseg(tmp_path_factory):
+    """A small zsseg head on the real R101c and a tiny random CLIP, and a random released-layout state dict for it."""
+    import zsseg
+    tmp = tmp_path_factory.mktemp("zsseg")
+    (tmp / "tiny_clip.json").write_text(json.dumps(TINY_CLIP))
+    torch.manual_seed(0)
+    clip_state = open_clip.model.CLIP(**TINY_CLIP).state_dict()
+    cfg = dataclasses.replace(
+        zsseg.PRESETS["paper_coco_r101c"], clip_model=str(tmp / "tiny_clip.json"), clip_pretrained="unused",
+        clip_quick_gelu=False, prompt_ctx=4, conv_dim=64, mask_dim=32, hidden_dim=64, num_queries=8, dec_layers=2,
+        nheads=4, dim_feedforward=128, embed_hidden_dim=96)
+    shapes = official_zsseg_shapes(cfg, {k: tuple(v.shape) for k, v in clip_state.items()}, learned_prompt=True)
+    g = torch.Generator().manual_seed(1)
+    official = {}
+    for k, s in shapes.items():
+        if k.endswith("norm.running_var"):
+            official[k] = torch.rand(s, generator=g) + 0.5
+        elif ".norm." in k and k.startswith("backbone.") and k.endswith("weight"):
+            official[k] = torch.rand(s, generator=g) * 0.3 + 0.1  # keeps 33 residual blocks' activations moderate
+        elif len(s) == 4 and k.startswith("backbone."):
+            official[k] = torch.randn(s, generator=g) * (2 / (s[1] * s[2] * s[3])) ** 0.5
+        else:
+            official[k] = torch.randn(s, generator=g) * 0.1
+    return cfg, official, tmp
+
+
+def test_zsseg_released_model_converts_every_tensor_to_its_place(tiny_zsseg):
+    import zsseg
+    cfg, official, _ = tiny_zsseg
+    assert zsseg.official_preset(official) == "paper_coco_r101c"
+    state = zsseg.convert_official_state_dict({"model": official, "iteration": 59999}, cfg)
+    used = {k: v for k, v in official.items() if not zsseg.OFFICIAL_UNUSED.fullmatch(k)}
+    assert len(used) == len(official) - 7  # empty_weight, pixel_mean / std, the learned prompt's 4 token buffers
+    assert {v.data_ptr() for v in state.values()} == {v.data_ptr() for v in used.values()}  # one to one
+    wrapper = zsseg.build_model(cfg, pretrained=False).eval()
+    wrapper.load_state_dict(state)
+    net, o = wrapper.net, {k.replace("sem_seg_head.", "H.").replace("transformer.decoder.", "D."): v
+                           for k, v in official.items()}
+    for ours, theirs in (  # specific tensors, by attribute
+            (net.pixel_decoder.top[0].weight, o["H.pixel_decoder.layer_4.weight"]),
+            (net.pixel_decoder.lateral[0][1].weight, o["H.pixel_decoder.adapter_1.norm.weight"]),
+            (net.pixel_decoder.output[2][0].weight, o["H.pixel_decoder.layer_3.weight"]),
+            (net.pixel_decoder.mask_features.bias, o["H.pixel_decoder.mask_features.bias"]),
+            (net.input_proj.weight, o["H.predictor.input_proj.weight"]),
+            (net.query_embed.weight, o["H.predictor.query_embed.weight"]),
+            (net.layers[1].cross_attn.in_proj_weight, o["H.predictor.D.layers.1.multihead_attn.in_proj_weight"]),
+            (net.layers[0].self_attn.out_proj.bias, o["H.predictor.D.layers.0.self_attn.out_proj.bias"]),
+            (net.layers[1].ffn[0].weight, o["H.predictor.D.layers.1.linear1.weight"]),
+            (net.layers[0].ffn[3].bias, o["H.predictor.D.layers.0.linear2.bias"]),
+            (net.layers[1].norms[2].weight, o["H.predictor.D.layers.1.norm3.weight"]),
+            (net.decoder_norm.bias, o["H.predictor.D.norm.bias"]),
+            (net.mask_embed.layers[2].weight, o["H.predictor.mask_embed.layers.2.weight"]),
+            (net.class_embed.layers[1].weight, o["H.predictor.class_embed.layers.1.weight"]),
+            (net.non_object, o["clip_adapter.non_object_embedding"]),
+            (wrapper.prompt.ctx, o["clip_adapter.prompt_learner.prefix_prompt"]),
+            (wrapper.clip.visual.conv1.weight, o["clip_adapter.clip_model.visual.conv1.weight"]),
+            (wrapper.clip.token_embedding.weight, o["clip_adapter.clip_model.token_embedding.weight"]),
+            (net.backbone.stem.bn3.running_var, o["backbone.stem.conv3.norm.running_var"]),
+            (net.backbone.layer4[0].downsample[1].bias, o["backbone.res5.0.shortcut.norm.bias"])):
+        assert torch.equal(ours, theirs)
+    image = torch.rand(1, 3, 64, 96)  # the backbone, against detectron2's DeepLab ResNet on the official tensors
+    x = (image - torch.tensor([0.485, 0.456, 0.406]).view(1, 3, 1, 1)) / torch.tensor([0.229, 0.224, 0.225]).view(
+        1, 3, 1, 1)
+    with torch.no_grad():
+        ours, theirs = zsseg.backbone_features(net.backbone, x), official_r101c(official, x)
+    for a, b in zip(ours, theirs):
+        assert a.shape == b.shape and torch.allclose(a, b, rtol=1e-4, atol=1e-4 * b.abs().max().item())
+    assert ours[-1].shape == (1, 2048, 2, 3)  # res5 at stride 32 (multi-grid dilation, not output stride 16)
+
+
+def test_zsseg_paper_key_lists_map_one_to_one(monkeypatch):
+    """Both released layouts at full size (R101c, ViT-B/16 CLIP, the paper head) map key for key and shape for shape
+    onto our presets paper_coco_r101c (learned prompt) and paper_cross_r101c (ViLD)."""
+    import zsseg
+    create = open_clip.create_model
+    monkeypatch.setattr(open_clip, "create_model", lambda *a, **kw: create(*a, **kw, device="meta"))
+    for preset, learned in (("paper_coco_r101c", True), ("paper_cross_r101c", False)):
+        cfg = zsseg.PRESETS[preset]
+        with torch.device("meta"):
+            ours = zsseg.build_model(cfg, pretrained=False).state_dict()
+        clip_shapes = {k[len("clip."):]: tuple(v.shape) for k, v in ours.items() if k.startswith("clip.")}
+        official = official_zsseg_shapes(cfg, clip_shapes, learned, num_classes=156)
+        assert zsseg.official_preset({k: torch.empty(s, device="meta") for k, s in official.items()}) == preset
+        mapped = {zsseg.official_name_to_ours(k): s for k, s in official.items()
+                  if not zsseg.OFFICIAL_UNUSED.fullmatch(k)}
+        assert mapped == {k: tuple(v.shape) for k, v in ours.items()}
+
+
+def test_zsseg_bad_keys_are_listed(tiny_zsseg):
+    import zsseg
+    cfg, official, _ = tiny_zsseg
+    broken = dict(official)
+    broken["_region_clip_adapter.non_object_embedding"] = torch.zeros(1, 64)  # SEPERATE_ADAPTER: not ours
+    del broken["sem_seg_head.predictor.transformer.decoder.norm.bias"]
+    broken["clip_adapter.non_object_embedding"] = torch.zeros(1, 7)
+    with pytest.raises(ValueError) as e:
+        zsseg.convert_official_state_dict(broken, cfg)
+    msg = str(e.value)
+    assert "1 unknown, 2 missing, 1 mis-shaped" in msg and "_region_clip_adapter.non_object_embedding" in msg
+    assert "net.decoder_norm.bias" in msg and "net.non_object" in msg
+    with pytest.raises(ValueError, match="need backbone='resnet101c'"):  # our torchvision ResNet has a 7x7 stem
+        zsseg.convert_official_state_dict(official, dataclasses.replace(cfg, backbone="resnet101"))
+    assert zsseg.official_preset({"backbone.stem.conv1.weight": torch.empty(64, 3, 7, 7)}) is None  # R50 basic stem
+
+
+def test_convert_py_writes_a_zsseg_checkpoint_that_segments(tiny_zsseg, monkeypatch):
+    import zsseg
+    cfg, official, tmp = tiny_zsseg
+    src, dst = tmp / "zsseg_released.pth", tmp / "out" / "ckpt.pt"
+    torch.save({"model": official, "iteration": 1}, src)
+    monkeypatch.setattr(zsseg, "PRESETS", {**zsseg.PRESETS, "tiny": cfg})
+    assert convert.convert("zsseg", src, dst, preset="tiny") == "tiny"
+    ckpt = torch.load(dst, map_location="cpu", weights_only=True)
+    assert len(ckpt["config"]["class_names"]) == 156  # the seen COCO-Stuff vocabulary, stored with the weights
+    wrapper = zsseg.build_model(zsseg.Config(**ckpt["config"]), pretrained=False).eval()
+    wrapper.load_state_dict(ckpt["model"])  # strict, as eval.py loads it
+    assert wrapper.predict({"image": torch.rand(1, 3, 64, 64)}, ["cat", "grass"]).shape == (1, 2, 64, 64)
