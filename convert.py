@@ -3,11 +3,15 @@
     python convert.py san san_vit_b_16.pth runs/san_b16/ckpt.pt
     python eval.py --ckpt runs/san_b16/ckpt.pt --data-root datasets
     python eval.py --ckpt runs/san_b16/ckpt.pt --image my.jpg --vocab "cat,dog,grass"
+    python convert.py pose_transfer market_PATN/latest_net_netG.pth runs/patn_market/ckpt.pt
 
-The key mapping of each paper lives in its model file, as a readable table next to its builders (san.OFFICIAL_KEYS,
-ann.OFFICIAL_KEYS); this script only finds the preset, calls the model file's converter and writes the checkpoint
-(config = the matching paper preset, the model name, the weights). A key that the table does not know, or a weight of
-ours that the file does not fill, is an error that lists them: nothing is written half-way.
+Models with a converter: san (SAN's released ViT-B/16 and ViT-L/14 models), ann (the Cityscapes model), zsseg (the
+zero-shot and cross-dataset COCO-Stuff models, R101c) and pose_transfer (PATN's Market-1501 and DeepFashion
+generators). The key mapping of each paper lives in its model file, as a readable table next to its builders
+(san.OFFICIAL_KEYS, ann.OFFICIAL_KEYS, zsseg.OFFICIAL_KEYS, pose_transfer.OFFICIAL_KEYS); this script only finds the
+preset, calls the model file's converter and writes the checkpoint (config = the matching paper preset, the model
+name, the weights). A key that the table does not know, or a weight of ours that the file does not fill, is an error
+that lists them: nothing is written half-way.
 """
 import argparse
 import dataclasses
@@ -66,7 +70,7 @@ def convert(model_name, src, dst, preset=None, force=False):
 
 def main(argv=None):
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
-    parser.add_argument("model", help="model file that the checkpoint is for (san, ann)")
+    parser.add_argument("model", help="model file that the checkpoint is for (san, ann, zsseg, pose_transfer)")
     parser.add_argument("src", help="the released checkpoint, as downloaded")
     parser.add_argument("dst", help="our checkpoint to write (e.g. runs/san_b16/ckpt.pt)")
     parser.add_argument("--preset", help="the paper preset of the checkpoint (default: told from the weights)")

@@ -27,7 +27,8 @@ File map (section -> paper):
 Differences from the official code:
   1. Backbone: torchvision's ResNet (7x7 stem, no dilation, weights by torchvision name or a local file) instead of
      detectron2's DeepLab "R101c" (3-conv stem, multi-grid res5, R-103.pkl). Frozen BatchNorm as detectron2; the
-     toy's from-scratch ResNet-10 trains its BatchNorm.
+     toy's from-scratch ResNet-10 trains its BatchNorm. R101c itself is backbone="resnet101c" (presets *_r101c, which
+     load the released models: convert_official_state_dict); R-103.pkl is not read.
   2. Stage 0 (prompt learning) runs inside the same training loop: the first `prompt_iters` steps train only the
      context vectors on GT mask crops of the training batch (official: a separate run on 32/128 sampled crops per
      class, SGD lr 0.02 cosine, RandomResizedCrop); then they are frozen and MaskFormer trains. One AdamW serves both

@@ -1,9 +1,10 @@
-"""Released checkpoints -> our files (convert.py, san.convert_official_state_dict, ann.convert_official_state_dict).
+"""Released checkpoints -> our files (convert.py and the convert_official_state_dict of san, ann, zsseg, pose_transfer).
 
 No test downloads anything: each builds a state dict under exactly the official key names and shapes (restated here
 from the official code: MendelXu/SAN san/model/{san,side_adapter/side_adapter,clip_utils/*,layers}.py; MendelXu/ANN
-models/{backbones/resnet,seg/nets/annn,seg/utils/afnb,seg/utils/apnb}.py), with random values, converts it and
-checks where every tensor lands.
+models/{backbones/resnet,seg/nets/annn,seg/utils/afnb,seg/utils/apnb}.py; MendelXu/zsseg.baseline
+mask_former/modeling/{heads,transformer,clip_adapter}/* and detectron2's projects/deeplab/resnet.py; tengteng95/
+Pose-Transfer models/{model_variants,networks}.py), with random values, converts it and checks where every tensor lands.
 """
 import dataclasses
 import json
