@@ -247,7 +247,7 @@ def bench_san(args):
         r = measure(lambda: wrapper.predict(image, vocab), device, runs)
         print(f"| {preset} | {cfg.clip_model} | {trainable / 1e6:.2f}M (official log {official}) | {total / 1e6:.1f}M "
               f"| {r['gflops']:.1f} | {r['peak_mib']:.0f} | {r['ms']:.0f} |")
-        del wrapper
+        wrapper = None  # freed before the next model is built
 
 
 # ----------------------------------------------------------------------------------------------------------------------
@@ -289,7 +289,7 @@ def bench_pose_transfer(args):
             note = " (official 41.37M)" if preset == "market" and block == "patb" else ""
             print(f"| {preset} | {block} | {H} x {W} | {n / 1e6:.2f}M{note} | {r['gflops']:.1f} | "
                   f"{r['peak_mib']:.0f} | {r['ms']:.0f} |")
-            del g
+            g = None  # freed before the next generator is built
 
 
 # zsseg vs SAN: one CLIP pass per image (SAN) against one CLIP pass per proposal (zsseg); SAN paper: up to 19x faster
@@ -321,7 +321,7 @@ def bench_zsseg(args):
         r = rows[name] = measure(lambda: wrapper.predict(image, vocab), device, runs)
         r["trainable"] = trainable
         print(f"| {name} | {r['trainable'] / 1e6:.2f}M | {r['gflops']:.0f} | {r['peak_mib']:.0f} | {r['ms']:.0f} |")
-        del wrapper
+        wrapper = None  # freed before the next model is built
     s, z = rows.values()
     print(f"zsseg / SAN: {ratio(z['gflops'], s['gflops'])} GFLOPs, {ratio(z['ms'], s['ms'])} time, "
           f"{ratio(z['peak_mib'], s['peak_mib'])} memory (SAN paper: up to 19x faster)")

@@ -402,7 +402,7 @@ DETECTION_SHAPES = ("square", "circle", "triangle", "ring", "cross")  # the ToyD
 class ToyDetection(Dataset):
     """Shapes to detect on a cluttered, textured background (the Soft Teacher / MixTraining toy).
 
-    An image holds 1-6 objects; the class is the shape (DETECTION_SHAPES), whatever its colour, size (radius S/22 to
+    An image holds 1-6 objects; the class is the shape (DETECTION_SHAPES), whatever its colour, size (radius S/14 to
     S/5, log-uniform: small, medium and large objects) or turn. Objects may overlap, a later one hiding part of an
     earlier one (the box is that of the visible pixels; an object less than 40% visible is not annotated, like a
     hidden object in a real photo, and one fewer than 40% visible is kept out at placement). The background is a
@@ -449,7 +449,7 @@ class ToyDetection(Dataset):
         """image float32 (3, S, S), clean boxes float32 (N, 4) xyxy, labels int64 (N,)."""
         S = self.size
         image = np.stack([_noise_texture(rng, S, rng.uniform(0.25, 0.6), 0.07, smooth=3) for _ in range(3)])
-        for _ in range(rng.integers(4, 10)):  # clutter: stripes, then speckles
+        for _ in range(rng.integers(2, 6)):  # clutter: stripes, then speckles
             image[:, self.stripe(rng)] = rng.uniform(0.1, 0.95, 3)[:, None]
         for _ in range(rng.integers(10, 30)):
             y, x, r = *rng.uniform(0, S, 2), rng.uniform(1, 2.5)
@@ -458,7 +458,7 @@ class ToyDetection(Dataset):
         placed, labels, full = [], [], []
         for _ in range(rng.integers(1, 7)):
             for _try in range(20):
-                r = S * np.exp(rng.uniform(np.log(1 / 22), np.log(1 / 5)))
+                r = S * np.exp(rng.uniform(np.log(1 / 14), np.log(1 / 5)))
                 y, x = rng.uniform(r, S - r, 2)
                 if all(np.hypot(y - py, x - px) > 0.75 * (r + pr) for py, px, pr in placed):  # partial overlap only
                     break

@@ -44,7 +44,6 @@ Labels: the data gives 0..K-1; torchvision's detector uses 0 = background and 1.
 predictions labels - 1. Shapes: N boxes, R sampled RoIs, K classes, T jitter copies; boxes are xyxy in view pixels.
 """
 import copy
-import math
 from dataclasses import dataclass, replace
 
 import torch
@@ -52,7 +51,7 @@ import torch.nn as nn
 import torch.nn.functional as F
 import torchvision
 from torchvision.models.detection import FasterRCNN
-from torchvision.models.detection.backbone_utils import BackboneWithFPN, resnet_fpn_backbone
+from torchvision.models.detection.backbone_utils import resnet_fpn_backbone
 from torchvision.models.detection.faster_rcnn import FastRCNNPredictor, TwoMLPHead
 from torchvision.models.detection.image_list import ImageList
 from torchvision.models.detection.rpn import AnchorGenerator
@@ -93,6 +92,7 @@ class Config:
     roi_sampling_ratio: int = 0  # RoIAlign samples per bin side (0 = adaptive, as mmdet)
     # Soft Teacher (configs/soft_teacher/base.py, semi_wrapper.train_cfg)
     unsup_weight: float = 4.0  # alpha of Eq. (1): 4.0 partial COCO, 2.0 full; 0 = the supervised-only baseline
+    unsup_start: int = 0  # iterations of labelled-only training before L_u joins (official: 0, alpha from step 0)
     ema_momentum: float = 0.999  # teacher EMA momentum, reached after the running-average warm-up
     initial_score_thr: float = 0.5  # teacher detections kept for pseudo-labelling (pseudo_label_initial_score_thr)
     cls_score_thr: float = 0.9  # pseudo boxes for the RPN and the RoI classification (rpn/cls_pseudo_threshold)
@@ -450,17 +450,17 @@ class SoftTeacher(nn.Module):
             seed = int(batch["sup"]["image_id"][g]) * 1_000_003 + step  # sampling independent of the process count
             with torch.random.fork_rng(devices=[torch.cuda.current_device()] if torch.cuda.is_available() else []):
                 torch.manual_seed(seed)
-                losses = self.group_losses({k: v[g] for k, v in batch["sup"].items()}, batch["unsup"][g])
+                losses = self.group_losses({k: v[g] for k, v in batch["sup"].items()}, batch["unsup"][g], step)
             for k, v in losses.items():
                 totals[k] = totals.get(k, 0) + v / groups
         return totals
 
-    def group_losses(self, sup, unsup):
+    def group_losses(self, sup, unsup, step):
         target = {"boxes": sup["boxes"], "labels": sup["labels"] + 1}
         sup_losses, _ = detector_losses(self.student, [sup["image"]], [target])
         losses = {f"sup_{k}": v for k, v in sup_losses.items()}
         loss = sum(sup_losses.values())
-        if self.cfg.unsup_weight > 0 and unsup:
+        if self.cfg.unsup_weight > 0 and unsup and step >= self.cfg.unsup_start:
             unsup_losses = self.unsup_losses(unsup)
             losses.update({f"unsup_{k}": v for k, v in unsup_losses.items()})
             loss = loss + self.cfg.unsup_weight * sum(v for k, v in unsup_losses.items() if k != "pseudo_boxes")

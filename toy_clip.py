@@ -40,7 +40,6 @@ from dataclasses import dataclass
 import open_clip
 import torch
 import torch.distributed as dist
-import torch.nn.functional as F
 from torch import nn
 
 TASK = "clip"  # batch: {"image": (B, 3, H, W) float in [0, 1], "caption": list of B str}; metric: zero_shot_accuracy

@@ -128,7 +128,7 @@ def parse_args(argv=None):
             names = [f"--{f.name}"] + ([f"--{f.name.replace('_', '-')}"] if "_" in f.name else [])
             group.add_argument(*names, dest=f.name, default=None, metavar=type(default).__name__.upper(),
                                type=lambda s, d=default: parse_value(s, d),
-                               help=f"{helps.get(f.name, '')} (default: {shown})")
+                               help=f"{helps.get(f.name, '')} (default: {shown})".replace("%", "%%"))
     args = parser.parse_args(argv)
     if args.resume and args.fresh:
         parser.error("--resume continues the run in --out, --fresh starts over: choose one")

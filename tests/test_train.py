@@ -44,6 +44,12 @@ def test_help_lists_models_and_config_fields(capsys, monkeypatch):
     assert "--crop_size" in out and "image size" in out  # the field comment is the help
 
 
+@pytest.mark.parametrize("model", ["san", "zsseg", "ann", "soft_teacher", "mixtraining", "pose_transfer"])
+def test_help_of_every_model(model, capsys):
+    code, out, _ = cli(["--model", model, "--help"], capsys)
+    assert code == 0 and "--max_iters" in out  # a '%' in a field comment ("25% positives") once broke argparse
+
+
 def test_flags_override_the_preset():
     args, module, overrides = train.parse_args(["--model", "ann", "--context", "nl", "--pyramid-sizes", "1,2",
                                                 "--amp", "true"])
