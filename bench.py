@@ -7,7 +7,7 @@
     python bench.py --model san                                  # SAN's trainable parameters, 640 px inference
     python bench.py --model pose_transfer                        # PATN generator: 41.37M, time/memory per image
     python bench.py --model zsseg                                # zsseg vs SAN at 640 px, ViT-B/16 (paper: up to 19x)
-    python bench.py --model zsseg --compare runs/san runs/zsseg  # the two toy runs side by side: accuracy and speed
+    python bench.py --model zsseg --compare                      # SAN and zsseg toys side by side (trained if missing)
 
 What is measured, for one block at batch 1, in eval mode under torch.no_grad:
   - GFLOPs: torch.utils.flop_counter.FlopCounterMode, which counts matmul and convolution FLOPs as 2 x multiply-adds
@@ -24,6 +24,8 @@ Each model registers a function in BENCHES; `--model NAME` runs it with the pars
 import argparse
 import json
 import statistics
+import subprocess
+import sys
 import time
 import weakref
 from dataclasses import fields, replace
@@ -298,8 +300,16 @@ def bench_zsseg(args):
     """Both paper models (ViT-B/16, random weights) on one 640 px image: params, GFLOPs, peak memory, time, ratio.
     Random masks are all non-empty, so zsseg classifies all 100 proposals: its worst case, the usual one in practice
     (official: every mask with a pixel above 0.5 is cropped)."""
-    if args.compare:
-        return compare_runs(*args.compare, device=torch.device(args.device), n=args.images)
+    if args.compare is not None:
+        runs = args.compare or ["runs/san", "runs/zsseg"]
+        for model, run in zip(("san", "zsseg"), runs):
+            if not args.compare and not (Path(run) / "metrics.json").is_file():  # the defaults: train what is missing
+                resume = ["--resume"] if (Path(run) / "ckpt.pt").is_file() else []  # an interrupted run continues
+                print(f"{run} holds no finished run: training it (python train.py --model {model} --out {run} "
+                      f"{' '.join(resume)})")
+                subprocess.run([sys.executable, str(Path(__file__).parent / "train.py"), "--model", model,
+                                "--out", run, *resume], check=True)
+        return compare_runs(*runs, device=torch.device(args.device), n=args.images)
     import san
     import zsseg
     device = torch.device(args.device)
@@ -332,10 +342,7 @@ def compare_runs(*run_dirs, device=torch.device("cpu"), n=16):
     """Markdown table of train.py runs on the same toy: seen / unseen / hIoU (from metrics.json), trainable
     parameters, and inference time per image on n validation images, measured here in one process."""
     import data
-    try:
-        from checkpoint import config_from_checkpoint, load_checkpoint, load_model_module
-    except ImportError:  # before the shared checkpoint module
-        from train import config_from_checkpoint, load_checkpoint, load_model_module
+    from checkpoint import config_from_checkpoint, load_checkpoint, load_model_module
     lines = ["| model | seen mIoU | unseen mIoU | hIoU | trainable params | inference (ms / image) |",
              "|---|---|---|---|---|---|"]
     rows = []
@@ -384,8 +391,9 @@ def main(argv=None):
     parser.add_argument("--toy-table", nargs="+", metavar="RUN_DIR",
                         help="ann: mIoU of train.py runs beside their context blocks' cost; pose_transfer: SSIM, "
                              "mask-SSIM and L1 of train.py runs; as a markdown table")
-    parser.add_argument("--compare", nargs="+", metavar="RUN_DIR",
-                        help="zsseg: train.py runs (e.g. runs/san runs/zsseg) side by side: accuracy, params, speed")
+    parser.add_argument("--compare", nargs="*", metavar="RUN_DIR",
+                        help="zsseg: train.py runs side by side: accuracy, params, speed (default: runs/san and "
+                             "runs/zsseg, each trained first with its toy preset if it holds no finished run)")
     parser.add_argument("--images", type=int, default=16, help="--compare: validation images timed per model")
     args = parser.parse_args(argv)
     return BENCHES[args.model](args)

@@ -9,6 +9,8 @@ from pathlib import Path
 import numpy as np
 from PIL import Image
 
+import bench
+
 REPO = Path(__file__).resolve().parents[1]
 ENV = {**os.environ, "OMP_NUM_THREADS": "1"}
 
@@ -37,8 +39,9 @@ def test_san_train_then_eval_and_segment_an_image(tmp_path, tiny_clip):
                                                                  "head_width": 16, "patch_size": 8},
                                  "text_cfg": {"context_length": 16, "vocab_size": 49408, "width": 32, "heads": 2,
                                               "layers": 1}})
-    out = run("train.py", "--model", "san", "--clip_model", config, "--clip_pretrained", weights, "--clip_trained_by", "", "--crop_size", 64, "--side_image_size", 64,
-              "--side_width", 32, "--side_heads", 2, "--num_queries", 4, "--decoder_dim", 32, "--num_points", 128,
+    out = run("train.py", "--model", "san", "--clip_model", config, "--clip_pretrained", weights,
+              "--clip_trained_by", "", "--crop_size", 64, "--side_image_size", 64, "--side_width", 32,
+              "--side_heads", 2, "--num_queries", 4, "--decoder_dim", 32, "--num_points", 128,
               "--max_iters", 2, "--batch_size", 2, "--eval_interval", 2, "--num_workers", 0, "--out", tmp_path / "run")
     assert "toy_shapes/hIoU" in out
     run("eval.py", "--ckpt", tmp_path / "run" / "ckpt.pt")
@@ -50,3 +53,10 @@ def test_san_train_then_eval_and_segment_an_image(tmp_path, tiny_clip):
                   "--vocab", "red square, blue circle,grass", "--out", tmp_path / "seg")
     for name in ("my_overlay.png", "my_proposals.png"):
         assert (tmp_path / "seg" / name).is_file() and name in printed
+    # bench.py --compare reads the same run: its accuracy columns are the run's metrics, its parameter count SAN's
+    table = bench.compare_runs(tmp_path / "run", tmp_path / "run", n=2).splitlines()
+    metrics = json.loads((tmp_path / "run" / "metrics.json").read_text())
+    cells = [c.strip() for c in table[2].split("|")[1:-1]]
+    assert cells[0] == "san" and table[3].startswith(table[2].rsplit("|", 2)[0])  # all but the timing
+    assert cells[1:4] == [f"{metrics[f'toy_shapes/{k}']:.1f}" for k in ("mIoU_seen", "mIoU_unseen", "hIoU")]
+    assert float(cells[5]) > 0
