@@ -129,14 +129,16 @@ PRESETS = {
 # The toy: 5 shape classes on cluttered 160 px images (data.ToyDetection), 32 labelled images, the rest unlabelled;
 # a small random-init backbone (the toy's explicit choice: no ImageNet weights on a laptop); anchors 4 x stride; a
 # teacher momentum of 0.99 because the toy runs 1/180 of the paper's iterations (0.999 would keep the teacher a
-# running average of the whole run).
+# running average of the whole run); and 700 labelled-only iterations before L_u joins (unsup_start): the paper's
+# detector starts from ImageNet weights, the toy's from random ones, whose teacher scores nothing above 0.9 at first,
+# so from step 0 every unlabelled object would be a background target.
 PRESETS["toy"] = replace(
     Config(), train_dataset="toy_detection_semi", eval_datasets=("toy_detection",), num_classes=5, image_size=128,
     train_scales=(96, 160), max_size=320, test_size=128, backbone="toy", weights="none", toy_width=16,
     anchor_sizes=(16, 32, 64, 128), roi_head_dim=256, rpn_pre_nms=(1000, 500), rpn_post_nms=(300, 300),
-    rois_per_image=128, roi_sampling_ratio=2, batch_size=1, num_unsup=4, max_iters=1000, lr=0.02,
-    lr_steps=(670, 890), warmup_iters=100, ema_momentum=0.99, eval_interval=1000, log_interval=50,
-    ckpt_interval=1000, num_workers=0, amp=False)
+    rois_per_image=128, roi_sampling_ratio=2, batch_size=1, num_unsup=4, max_iters=1500, lr=0.02,
+    lr_steps=(1000, 1330), warmup_iters=100, ema_momentum=0.99, eval_interval=500, log_interval=50,
+    ckpt_interval=500, num_workers=0, amp=False, unsup_start=700)
 # The baseline: the same labelled images, batches and iterations, no unlabelled images, no teacher.
 PRESETS["toy_supervised"] = replace(PRESETS["toy"], unsup_weight=0.0, num_unsup=0)
 
