@@ -139,6 +139,9 @@ class ToyContext(Dataset):
 COLOURS = {"red": (0.9, 0.12, 0.1), "green": (0.1, 0.75, 0.15), "blue": (0.15, 0.3, 0.95), "yellow": (0.95, 0.85, 0.1)}
 SHAPES = ("square", "circle", "triangle")
 SHAPE_CLASSES = [f"{c} {s}" for c in COLOURS for s in SHAPES]  # 12 classes, "red square", ...
+# The segmentation toys label every pixel, as COCO-Stuff does: the 12 objects and the "background" stuff (index 12).
+BACKGROUND = "background"
+TOY_SEGMENTATION_CLASSES = [*SHAPE_CLASSES, BACKGROUND]
 # Unseen in segmentation training, yet every colour and every shape word appears in some seen class.
 UNSEEN_SHAPE_CLASSES = ("red circle", "green triangle", "blue square", "yellow circle")
 
@@ -146,13 +149,14 @@ UNSEEN_SHAPE_CLASSES = ("red circle", "green triangle", "blue square", "yellow c
 def render_shapes(rng, size, num_objects):
     """Draw `num_objects` colour x shape objects on a dark noisy background.
 
-    Returns image float32 (3, size, size) in [0, 1], label int64 (size, size) with indices into SHAPE_CLASSES
-    (background = IGNORE), and the list of class indices drawn, front-most last.
+    Returns image float32 (3, size, size) in [0, 1], label int64 (size, size) with indices into
+    TOY_SEGMENTATION_CLASSES (the background is 12, "background"), and the list of object classes drawn, front-most
+    last.
     """
     S = size
     base = _noise_texture(rng, S, 0.18, 0.05)
     image = np.stack([base * rng.uniform(0.8, 1.2) for _ in range(3)])  # (3, S, S), slightly tinted
-    label = np.full((S, S), IGNORE, np.int64)
+    label = np.full((S, S), TOY_SEGMENTATION_CLASSES.index(BACKGROUND), np.int64)
     placed, drawn = [], []
     for _ in range(num_objects):
         for _try in range(30):
@@ -177,23 +181,25 @@ def render_shapes(rng, size, num_objects):
 
 
 class ToyShapes(Dataset):
-    """Colour x shape segmentation (the SAN / zsseg toy), background ignored.
+    """Colour x shape segmentation (the SAN / zsseg toy): every pixel labelled, the background as a stuff class.
 
-    classes="all": the 12 SHAPE_CLASSES, with `seen_classes` telling which were seen in training (the generalized
-    zero-shot evaluation). classes="seen": only the 8 seen classes, relabelled 0..7 in SHAPE_CLASSES order, and the
-    pixels of unseen classes set to IGNORE -- exactly how the zero-shot `_base` label maps of zsseg/SAN are made.
+    classes="all": the 13 TOY_SEGMENTATION_CLASSES (12 objects + "background"), with `seen_classes` telling which were
+    seen in training (the generalized zero-shot evaluation). classes="seen": only the 9 seen classes (8 objects and
+    the background), relabelled 0..8 in TOY_SEGMENTATION_CLASSES order, and the pixels of unseen classes set to
+    IGNORE -- exactly how the zero-shot `_base` label maps of zsseg/SAN are made.
     """
 
     def __init__(self, split="train", size=128, classes="all", length=None, seed=0):
         self.split, self.size, self.seed = split, size, seed
         self.length = length or (100_000 if split == "train" else 64)
-        seen = [i for i, n in enumerate(SHAPE_CLASSES) if n not in UNSEEN_SHAPE_CLASSES]
+        names = TOY_SEGMENTATION_CLASSES
+        seen = [i for i, n in enumerate(names) if n not in UNSEEN_SHAPE_CLASSES]
         self.lut = torch.full((256,), IGNORE, dtype=torch.int64)  # raw class index -> dataset label
         if classes == "all":
-            self.class_names, self.seen_classes = list(SHAPE_CLASSES), seen
-            self.lut[:len(SHAPE_CLASSES)] = torch.arange(len(SHAPE_CLASSES))
+            self.class_names, self.seen_classes = list(names), seen
+            self.lut[:len(names)] = torch.arange(len(names))
         elif classes == "seen":
-            self.class_names, self.seen_classes = [SHAPE_CLASSES[i] for i in seen], None
+            self.class_names, self.seen_classes = [names[i] for i in seen], None
             self.lut[seen] = torch.arange(len(seen))
         else:
             raise ValueError(f"classes must be 'all' or 'seen', got {classes!r}")
@@ -211,7 +217,8 @@ class ToyShapesCaptions(Dataset):
     """Captioned images of 1-2 shapes of ALL 12 classes: the 'web' the toy CLIP is pre-trained on.
 
     Like real CLIP before SAN ever saw COCO, the toy CLIP sees every colour x shape combination with words, so a
-    class unseen by segmentation training is still one CLIP can name.
+    class unseen by segmentation training is still one CLIP can name. One image in 13 holds no object and is
+    captioned as the "background", the stuff class of the segmentation toys.
     """
 
     TEMPLATES = ("a photo of a {}.", "a {}.", "there is a {} in the scene.", "a picture of a {}.", "{}")
@@ -226,6 +233,10 @@ class ToyShapesCaptions(Dataset):
 
     def __getitem__(self, index):
         rng = _rng(self.seed, self.split, index)
+        if self.split == "train" and rng.random() < 1 / 13:  # an empty scene (val: objects only, for zero-shot acc)
+            image, _, _ = render_shapes(rng, self.size, 0)
+            template = self.TEMPLATES[rng.integers(len(self.TEMPLATES))]
+            return {"image": image, "caption": template.format(BACKGROUND), "classes": []}
         image, _, drawn = render_shapes(rng, self.size, rng.integers(1, 3))
         names = [SHAPE_CLASSES[k] for k in dict.fromkeys(drawn)]  # distinct, in drawing order
         if len(names) > 1 and rng.random() < 0.5:

@@ -126,14 +126,14 @@ class Config:
 
 
 TOY_SEEN_CLASSES = ("red square", "red triangle", "green square", "green circle", "blue circle", "blue triangle",
-                    "yellow square", "yellow triangle")  # data.ToyShapes(classes="seen").class_names (a test guards it)
+                    "yellow square", "yellow triangle", "background")  # data.ToyShapes("seen").class_names (tested)
 PRESETS = {
     # The official test protocol (INPUT.MIN_SIZE_TEST 640, MAX_SIZE_TEST 2560) is in both paper presets.
     "paper": Config(test_short_side=640),  # ViT-B/16, recognition in blocks 10-12; paper: ADE-150 27.5, PC-59 53.8
     "paper_l14": Config(clip_model="ViT-L-14-336", clip_resolution=0.7, clip_feature_layers=(0, 6, 12, 18),
                         test_short_side=640),  # recognition in blocks 19-24
-    "toy": Config(  # trained on the 8 seen colour x shape classes, evaluated on all 12; paper structure, CPU sizes
-        train_dataset="toy_shapes_seen", eval_datasets=("toy_shapes",), num_classes=8, class_names=TOY_SEEN_CLASSES,
+    "toy": Config(  # trained on the 8 seen colour x shape classes + background, evaluated on all 13; CPU sizes
+        train_dataset="toy_shapes_seen", eval_datasets=("toy_shapes",), num_classes=9, class_names=TOY_SEEN_CLASSES,
         crop_size=128, base_size=128, scale_range=(1.0, 1.0),
         clip_model="runs/toy_clip/toy_clip.json", clip_pretrained="runs/toy_clip/toy_clip.pt", clip_quick_gelu=False,
         clip_trained_by="toy_clip", clip_feature_layers=(0, 1, 2, 3),  # the toy CLIP has 6 blocks: 4-6 recognise

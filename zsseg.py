@@ -129,7 +129,7 @@ class Config:
 
 
 TOY_SEEN_CLASSES = ("red square", "red triangle", "green square", "green circle", "blue circle", "blue triangle",
-                    "yellow square", "yellow triangle")  # data.ToyShapes(classes="seen").class_names
+                    "yellow square", "yellow triangle", "background")  # data.ToyShapes("seen").class_names
 VOC_SEEN_CLASSES = ("aeroplane", "bicycle", "bird", "boat", "bottle", "bus", "car", "cat", "chair", "cow",
                     "diningtable", "dog", "horse", "motorbike", "person")  # VOC ids 1-15; unseen: 16-20
 CROSS_DATASET_SETS = ("ade20k_847", "pcontext_459", "ade20k_150", "pcontext_59", "voc_20")
@@ -144,8 +144,8 @@ PRESETS = {
     # cross-dataset model was trained on the 156 seen classes instead: paper_cross_r101c).
     "paper_cross": Config(train_dataset="coco_stuff_171", eval_datasets=CROSS_DATASET_SETS, num_classes=171,
                           prompt="vild", prompt_iters=0, max_iters=120000, ensemble_weight=0.7),
-    "toy": Config(  # the 8 seen colour x shape classes; evaluated on all 12 (4 unseen); CPU sizes
-        train_dataset="toy_shapes_seen", eval_datasets=("toy_shapes",), num_classes=8, class_names=TOY_SEEN_CLASSES,
+    "toy": Config(  # the 8 seen colour x shape classes + background; evaluated on all 13 (4 unseen); CPU sizes
+        train_dataset="toy_shapes_seen", eval_datasets=("toy_shapes",), num_classes=9, class_names=TOY_SEEN_CLASSES,
         crop_size=128, base_size=128, scale_range=(1.0, 1.0),
         clip_model="runs/toy_clip/toy_clip.json", clip_pretrained="runs/toy_clip/toy_clip.pt", clip_quick_gelu=False,
         clip_trained_by="toy_clip", prompt_ctx=4, prompt_iters=100,  # the toy CLIP's context is 16 tokens

@@ -216,19 +216,29 @@ def test_toy_data_is_determined_by_seed(make):
 
 def test_toy_shapes_seen_split():
     everything, seen = data.ToyShapes("train", 64, "all"), data.ToyShapes("train", 64, "seen")
-    assert len(everything.seen_classes) == 8 and len(everything.class_names) == 12 and len(seen.class_names) == 8
+    assert len(everything.seen_classes) == 9 and len(everything.class_names) == 13 and len(seen.class_names) == 9
+    assert seen.class_names[-1] == everything.class_names[-1] == "background"  # seen stuff, as in COCO-Stuff
     unseen = [everything.class_names.index(n) for n in data.UNSEEN_SHAPE_CLASSES]
     assert seen.class_names == [everything.class_names[i] for i in everything.seen_classes]
     found_unseen = False
     for i in range(12):
         full, base = everything[i]["label"], seen[i]["label"]
-        assert ((base < 8) | (base == IGNORE)).all()
+        assert (full != IGNORE).all() and (full == 12).any()  # every pixel labelled, the background included
+        assert ((base < 9) | (base == IGNORE)).all()
         is_unseen = torch.isin(full, torch.tensor(unseen))
         found_unseen |= bool(is_unseen.any())
         assert (base[is_unseen] == IGNORE).all()  # unseen pixels are ignored ...
-        kept = base != IGNORE  # ... and the seen ones are relabelled in SHAPE_CLASSES order
+        kept = base != IGNORE  # ... and the seen ones are relabelled in TOY_SEGMENTATION_CLASSES order
         assert torch.equal(torch.tensor(everything.seen_classes)[base[kept]], full[kept])
     assert found_unseen  # the check above was not vacuous
+
+
+def test_toy_captions_name_the_background_of_empty_scenes_only():
+    train = [data.ToyShapesCaptions("train", 32)[i] for i in range(100)]
+    empty = [item for item in train if not item["classes"]]
+    assert 2 <= len(empty) <= 20 and all("background" in item["caption"] for item in empty)
+    assert not any("background" in item["caption"] for item in train if item["classes"])
+    assert all(data.ToyShapesCaptions("val", 32)[i]["classes"] for i in range(50))  # zero-shot val: objects only
 
 
 def test_toy_context_objects_follow_the_cue_colour():
