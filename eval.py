@@ -384,16 +384,23 @@ def plot_semseg(wrapper, dataset, png, device, n=4):
     """Image, ground truth and prediction side by side for the first n images of `dataset`."""
     plt = _pyplot()
     wrapper.eval()
-    K = len(dataset.class_names)
-    fig, axes = plt.subplots(n, 3, figsize=(9, 3 * n), squeeze=False)
+    names, K = dataset.class_names, len(dataset.class_names)
+    seen = getattr(dataset, "seen_classes", None)
+    pal = palette(K)
+    fig, axes = plt.subplots(n, 3, figsize=(11, 3 * n), squeeze=False)
     for row in range(min(n, len(dataset))):
         item = dataset[row]
-        pred = wrapper.predict({"image": item["image"][None].to(device)}, vocab=dataset.class_names).argmax(1)[0]
+        pred = wrapper.predict({"image": item["image"][None].to(device)}, vocab=names).argmax(1)[0].cpu()
         for ax, img, title in zip(axes[row], [item["image"].permute(1, 2, 0).numpy(), colourise(item["label"], K),
-                                              colourise(pred.cpu(), K)], ["image", "ground truth", "prediction"]):
+                                              colourise(pred, K)], ["image", "ground truth", "prediction"]):
             ax.imshow(img)
             ax.set_title(title)
             ax.axis("off")
+        present = sorted(set(item["label"].unique().tolist()) | set(pred.unique().tolist()))
+        handles = [plt.Rectangle((0, 0), 1, 1, color=pal[k]) for k in present if k < K]
+        labels = [names[k] + (" *" if seen is not None and k not in seen else "") for k in present if k < K]
+        axes[row, 2].legend(handles, labels, loc="upper left", bbox_to_anchor=(1.02, 1), fontsize=7, frameon=False,
+                            title="* unseen" if seen is not None else None, title_fontsize=7)
     fig.tight_layout()
     fig.savefig(png, dpi=80)
     plt.close(fig)
