@@ -41,6 +41,7 @@ Labels: 255 = ignore (never a target, a negative pixel of every GT mask, as in M
 index K of the logits. Shapes: B batch, Q queries, K classes (+1 no-object), D CLIP embedding, C CLIP width, W side
 width, h x w side grid (1/16 of the padded input), h' x w' CLIP grid, L = h'w' CLIP patches, T GT masks.
 """
+import logging
 import os
 import re
 from dataclasses import dataclass, replace
@@ -160,8 +161,13 @@ def load_clip(cfg, pretrained=True):
             raise FileNotFoundError(f"open_clip model config {name!r} not found{made_by}")
         open_clip.add_model_config(name)
         name = os.path.splitext(os.path.basename(name))[0]
-    if not pretrained:
-        return open_clip.create_model(name, force_quick_gelu=cfg.clip_quick_gelu), open_clip.get_tokenizer(name)
+    if not pretrained:  # random weights that a checkpoint replaces: open_clip's "initialized randomly" is noise here
+        logging.disable(logging.WARNING)
+        try:
+            clip = open_clip.create_model(name, force_quick_gelu=cfg.clip_quick_gelu)
+        finally:
+            logging.disable(logging.NOTSET)
+        return clip, open_clip.get_tokenizer(name)
     weights, tag = cfg.clip_pretrained, open_clip.get_pretrained_cfg(name, cfg.clip_pretrained)
     if not tag and not os.path.isfile(weights):
         raise FileNotFoundError(f"CLIP weights file {weights!r} for {name} not found{made_by}")

@@ -42,6 +42,7 @@ Differences from the official code:
 Labels: 255 = ignore; no-object is index K of the logits. Shapes: B batch, Q queries, K classes (+1 no-object),
 D CLIP embedding, E decoder width, T GT masks, N valid proposals, S CLIP input side, H x W image, h x w at 1/4.
 """
+import logging
 import os
 import re
 from collections import OrderedDict
@@ -181,8 +182,13 @@ def load_clip(cfg, pretrained=True):
             raise FileNotFoundError(f"open_clip model config {name!r} not found{made_by}")
         open_clip.add_model_config(name)
         name = os.path.splitext(os.path.basename(name))[0]
-    if not pretrained:
-        return open_clip.create_model(name, force_quick_gelu=cfg.clip_quick_gelu), open_clip.get_tokenizer(name)
+    if not pretrained:  # random weights that a checkpoint replaces: open_clip's "initialized randomly" is noise here
+        logging.disable(logging.WARNING)
+        try:
+            clip = open_clip.create_model(name, force_quick_gelu=cfg.clip_quick_gelu)
+        finally:
+            logging.disable(logging.NOTSET)
+        return clip, open_clip.get_tokenizer(name)
     weights, tag = cfg.clip_pretrained, open_clip.get_pretrained_cfg(name, cfg.clip_pretrained)
     if not tag and not os.path.isfile(weights):
         raise FileNotFoundError(f"CLIP weights file {weights!r} for {name} not found{made_by}")
