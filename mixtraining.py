@@ -74,6 +74,7 @@ from torchvision.models.detection.faster_rcnn import FastRCNNPredictor, TwoMLPHe
 from torchvision.models.detection.image_list import ImageList
 from torchvision.models.detection.rpn import AnchorGenerator
 from torchvision.ops import MultiScaleRoIAlign, box_iou, clip_boxes_to_image
+from torchvision.ops.poolers import initLevelMapper
 from torchvision.ops.feature_pyramid_network import LastLevelMaxPool
 from torchvision.transforms.v2 import functional as TF
 
@@ -346,6 +347,10 @@ def build_detector(cfg, pretrained=True):
     anchors = AnchorGenerator(tuple((s,) for s in cfg.anchor_sizes), ((0.5, 1.0, 2.0),) * levels)
     names = [str(i) for i in range(levels - 1)]  # RoIAlign on every level but the max-pooled one (P2-P5)
     roi_pool = MultiScaleRoIAlign(names, output_size=7, sampling_ratio=cfg.roi_sampling_ratio)
+    # The levels' scales (P2 = 1/4, ...), fixed as mmdet's featmap_strides: torchvision would infer them from the first
+    # batch and keep them, and a padded training view can round the coarsest one wrong for the rest of the run.
+    roi_pool.scales = [2.0 ** -(i + 2) for i in range(len(names))]
+    roi_pool.map_levels = initLevelMapper(2, len(names) + 1, canonical_scale=224, canonical_level=4)
     box_head = TwoMLPHead(backbone.out_channels * 7 * 7, cfg.roi_head_dim)
     return FasterRCNN(backbone, num_classes=None, min_size=cfg.test_size, max_size=cfg.max_size,
                       rpn_anchor_generator=anchors, box_roi_pool=roi_pool, box_head=box_head,
