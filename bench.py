@@ -174,13 +174,22 @@ def context_cost(cfg, device=torch.device("cpu")):
     return measure(lambda: (net.afnb(res4, res5), net.apnb(fused)), device, runs=5)
 
 
+def run_json(run_dir, name):
+    """config.json or metrics.json of a finished train.py run folder, or a FileNotFoundError that says so."""
+    path = Path(run_dir) / name
+    if not path.is_file():
+        raise FileNotFoundError(f"{run_dir} holds no finished train.py run (no {name}): train it first, or name "
+                                "another folder")
+    return json.loads(path.read_text())
+
+
 def load_run(run_dir):
     """(Config, metrics) of a train.py run folder (config.json is the Config plus "model"; lists become tuples)."""
     import ann
-    raw = json.loads((Path(run_dir) / "config.json").read_text())
+    raw = run_json(run_dir, "config.json")
     names = {f.name for f in fields(ann.Config)}
     cfg = replace(ann.Config(), **{k: tuple(v) if isinstance(v, list) else v for k, v in raw.items() if k in names})
-    return cfg, json.loads((Path(run_dir) / "metrics.json").read_text())
+    return cfg, run_json(run_dir, "metrics.json")
 
 
 def ann_toy_table(run_dirs, device=torch.device("cpu")):
@@ -263,10 +272,10 @@ def bench_pose_transfer(args):
     if args.toy_table:
         lines = ["| block | generator params | SSIM | mask-SSIM | L1 |", "|---|---|---|---|---|"]
         for run_dir in args.toy_table:
-            raw = json.loads((Path(run_dir) / "config.json").read_text())
+            raw = run_json(run_dir, "config.json")
             cfg = replace(pt.PRESETS["toy"], **{k: tuple(v) if isinstance(v, list) else v for k, v in raw.items()
                                                 if k in {f.name for f in fields(pt.Config)}})
-            m = json.loads((Path(run_dir) / "metrics.json").read_text())
+            m = run_json(run_dir, "metrics.json")
             n = sum(p.numel() for p in pt.PATNGenerator(cfg).parameters())
             get = lambda k: m.get(f"{cfg.eval_datasets[0]}/{k}", float("nan"))  # noqa: E731
             lines.append(f"| {cfg.block} | {n / 1e6:.2f}M | {get('SSIM'):.3f} | {get('mask-SSIM'):.3f} | "
@@ -347,13 +356,13 @@ def compare_runs(*run_dirs, device=torch.device("cpu"), n=16):
              "|---|---|---|---|---|---|"]
     rows = []
     for run in map(Path, run_dirs):
+        metrics = run_json(run, "metrics.json")
         ckpt = load_checkpoint(run / "ckpt.pt")
         module = load_model_module(ckpt["model_name"])
         cfg = config_from_checkpoint(module, ckpt)
         wrapper = module.build_model(cfg, pretrained=False)
         wrapper.load_state_dict(ckpt["model"])
         wrapper.to(device).eval()
-        metrics = json.loads((run / "metrics.json").read_text())
         ds = data.build_dataset(cfg.eval_datasets[0], "val", cfg)
         images = [{"image": ds[i]["image"][None].to(device)} for i in range(n)]
         with torch.no_grad():
@@ -396,7 +405,11 @@ def main(argv=None):
                              "runs/zsseg, each trained first with its toy preset if it holds no finished run)")
     parser.add_argument("--images", type=int, default=16, help="--compare: validation images timed per model")
     args = parser.parse_args(argv)
-    return BENCHES[args.model](args)
+    try:
+        return BENCHES[args.model](args)
+    except (FileNotFoundError, ValueError) as e:  # a missing run or checkpoint: one line, not a traceback
+        print(f"error: {e}", file=sys.stderr)
+        sys.exit(2)
 
 
 if __name__ == "__main__":

@@ -105,8 +105,8 @@ PRESETS = {
     # CPU, minutes: 64 x 32 people, ngf 8. No perceptual loss (VGG weights cannot be downloaded here: an explicit
     # choice, lambda_perceptual 0) and no dropout (it slows a short run down); everything else as Market's.
     "toy": Config(train_dataset="toy_people", eval_datasets=("toy_people",), image_size=(64, 32), heatmap_sigma=3.0,
-                  ngf=8, ndf=8, dropout=0.0, dropout_d=0.0, lambda_perceptual=0.0, batch_size=8, max_iters=600,
-                  lr_decay_from=400, log_interval=50, ckpt_interval=600, num_workers=0),
+                  ngf=8, ndf=8, dropout=0.0, dropout_d=0.0, lambda_perceptual=0.0, batch_size=8, max_iters=1500,
+                  lr_decay_from=1000, log_interval=50, ckpt_interval=500, num_workers=0),
 }
 PRESETS["paper"] = PRESETS["market"]  # Market-1501, the paper's first benchmark
 

@@ -48,3 +48,12 @@ def test_toy_table_reads_runs(tmp_path, capsys):
     none, nl, apnb = (float(r[2]) for r in rows)
     assert none == 0 and 0 < apnb and 0 < nl
     assert "| apnb |" in capsys.readouterr().out
+
+
+def test_a_run_without_metrics_is_a_one_line_error(tmp_path, capsys):
+    (tmp_path / "half").mkdir()  # a run killed before it finished: no metrics.json
+    with pytest.raises(SystemExit) as exit_info:
+        bench.main(["--model", "pose_transfer", "--toy-table", str(tmp_path / "half")])
+    err = capsys.readouterr().err
+    assert exit_info.value.code == 2 and err.startswith("error: ") and "no config.json" in err
+    assert "Traceback" not in err and len(err.strip().splitlines()) == 1
