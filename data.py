@@ -17,8 +17,8 @@ as the official SAN registration declares. Real datasets state theirs as `.ignor
 Contents, in reading order:
   1. Built-in synthetic data (no download, deterministic by seed, generated on the fly):
      - ToyContext: the class of an object is decided by a far-away cue, so only long-range context solves it (ANN).
-     - ToyShapes: colour x shape objects with seen/unseen splits (SAN, zsseg), and ToyShapesCaptions, the captioned
-       images the toy CLIP is pre-trained on.
+     - ToyShapes: colour x shape objects on a "background" stuff class, with seen/unseen splits (SAN, zsseg), and
+       ToyShapesCaptions, the captioned images the toy CLIP is pre-trained on.
      - ToyPeople: pairs of one synthetic person in two poses, with 18 keypoints and their heatmaps (PATN).
      - ToyDetection: boxes of shape classes on cluttered backgrounds, a labelled / unlabelled split of it, and
        optional annotation noise (missing, shifted, loose, displaced boxes) on the training split.

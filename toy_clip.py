@@ -10,7 +10,8 @@ B x B matrix of scaled cosine similarities is trained with a symmetric cross-ent
 each candidate name and pick the nearest text embedding. The open-vocabulary segmenters (SAN, zsseg) rely on exactly
 this: a class never seen by segmentation training is still a phrase CLIP knows, because CLIP saw it on the web. Here
 the 'web' is data.ToyShapesCaptions (1-2 colour x shape objects, captions such as "a photo of a red square and a blue
-circle."), which covers all 12 colour x shape classes, including the four that the segmentation toys hold out.
+circle."), which covers all 12 colour x shape classes, including the four that the segmentation toys hold out, and
+empty scenes captioned "background" (the segmentation toys' stuff class).
 
 File map:
   Config, PRESETS ................ the toy recipe (there is no paper preset: real CLIP weights come from OpenAI)
@@ -51,7 +52,7 @@ TASK = "clip"  # batch: {"image": (B, 3, H, W) float in [0, 1], "caption": list 
 @dataclass
 class Config:
     # data
-    train_dataset: str = "toy_shapes_captions"  # captioned 1-2 object images of all 12 colour x shape classes
+    train_dataset: str = "toy_shapes_captions"  # captioned 1-2 object images of all 12 classes, and backgrounds
     eval_datasets: tuple = ("toy_shapes_captions",)  # zero-shot accuracy on its single-object val images
     crop_size: int = 64  # image side; also the ViT input size
     # architecture (open_clip CLIP with a ViT image tower)
