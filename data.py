@@ -1145,8 +1145,8 @@ def detection_dataset(name, split, cfg):
     image_size [160] and eval_images [64] (toy), num_labelled [32] (toy labelled images: indices [0, n) of the
     training stream, the unlabelled ones follow), box_missing / box_shift / box_loose / box_displaced [0] (toy
     annotation noise, see ToyDetection), percent [10] and fold [1] (the COCO split file), num_unsup [4] (unlabelled
-    images per labelled one), train_scales [(400, 1200)] and max_size [1333] (short-side range and long-side cap of the views),
-    sup_views [("sup",)] (the view kinds of a labelled image: one kind gives the view itself, several give
+    images per labelled one), train_scales [(400, 1200)] and max_size [1333] (short-side range and long-side cap of
+    the views), sup_views [("sup",)] (the view kinds of a labelled image: one kind gives the view itself, several give
     {kind: view}, e.g. ("sup", "weak", "strong") for MixTraining's mixed views)."""
     get = lambda field, default: getattr(cfg, field, default)  # noqa: E731
     toy, semi = name.startswith("toy"), name.endswith(("_semi", "_semi_full"))

@@ -119,7 +119,8 @@ class ToyCLIP(nn.Module):
         self.clip = open_clip.model.CLIP(**self.model_config)  # logit_scale initialised to log(1 / 0.07)
         self.tokenizer = open_clip.SimpleTokenizer(context_length=cfg.context_length)
         ddp = dist.is_available() and dist.is_initialized()  # gather the other ranks' features as extra negatives
-        self.loss = open_clip.ClipLoss(rank=dist.get_rank() if ddp else 0, world_size=dist.get_world_size() if ddp else 1)
+        self.loss = open_clip.ClipLoss(rank=dist.get_rank() if ddp else 0,
+                                       world_size=dist.get_world_size() if ddp else 1)
         self.register_buffer("mean", torch.tensor(open_clip.OPENAI_DATASET_MEAN).view(1, 3, 1, 1), persistent=False)
         self.register_buffer("std", torch.tensor(open_clip.OPENAI_DATASET_STD).view(1, 3, 1, 1), persistent=False)
 
@@ -231,6 +232,7 @@ if __name__ == "__main__":
         open_clip.add_model_config(json_path)
         clip = open_clip.create_model("toy_clip", pretrained=pt_path).eval()
         tokens = open_clip.get_tokenizer("toy_clip")(["a photo of a red square."])  # (1, 16)
-        same = torch.allclose(clip.encode_text(tokens, normalize=True), wrapper.eval().encode_text(["a photo of a red square."]))
+        same = torch.allclose(clip.encode_text(tokens, normalize=True),
+                              wrapper.eval().encode_text(["a photo of a red square."]))
         print(f"exported and reloaded with open_clip: tokens {tuple(tokens.shape)}, identical text features: {same}")
     print(f"parameters: {sum(p.numel() for p in wrapper.parameters()) / 1e6:.2f}M")
