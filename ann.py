@@ -466,6 +466,7 @@ OFFICIAL_KEYS = (
 OFFICIAL_SHARED = (r"context\.2\.stages\.0\.f_query\.(.+)", r"context.2.stages.0.f_key.\1")
 
 
+# Copied from san.listing
 def listing(keys, n=20):
     """The first n keys and how many more, for error messages."""
     return str(keys[:n]) + (f" and {len(keys) - n} more" if len(keys) > n else "")

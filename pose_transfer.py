@@ -441,11 +441,13 @@ OFFICIAL_KEYS = (
 )
 
 
+# Copied from san.listing
 def listing(keys, n=20):
     """The first n keys and how many more, for error messages."""
     return str(keys[:n]) + (f" and {len(keys) - n} more" if len(keys) > n else "")
 
 
+# Copied from ann.official_name_to_ours
 def official_name_to_ours(key):
     """One official key -> our key, or None if no rule of OFFICIAL_KEYS matches it."""
     for pattern, target in OFFICIAL_KEYS:

@@ -85,7 +85,7 @@ class Config:
     clip_pretrained: str = "openai"  # open_clip pretrained tag or a local weights file
     clip_quick_gelu: bool = True  # OpenAI CLIP weights were trained with QuickGELU
     clip_trained_by: str = ""  # model file that trains clip_pretrained when it is missing ("" = downloaded)
-    prompt: str = "learnable"  # "learnable" (CoOp, stage 0), "vild" (14 templates) or "predefined" (one template)
+    prompt: str = "learnable"  # "learnable" (CoOp, stage 0) or "vild" (the 14 ViLD templates)
     prompt_ctx: int = 16  # learnable context vectors before the class name
     prompt_iters: int = 16000  # stage 0: the first iterations train only the context vectors
     prompt_lr: float = 2e-3  # AdamW lr of the context vectors (official: SGD 0.02, cosine, separate run)
@@ -110,7 +110,6 @@ class Config:
     # inference (mask-crop CLIP classification and the ensemble)
     mask_thr: float = 0.5  # binarisation threshold of the proposals
     ensemble_weight: float = 0.8  # lambda: seen p^l c^(1-l), unseen p^(1-l) c^l
-    clip_crop_size: int = 0  # side of the crops CLIP sees; 0 = CLIP's own input size (224 for ViT-B/16)
     # optimisation (train.py)
     batch_size: int = 32  # global batch
     max_iters: int = 76000  # iterations: prompt_iters + 60k MaskFormer iterations
@@ -141,10 +140,9 @@ PRESETS = {
     "paper_voc": Config(train_dataset="voc_20_base", eval_datasets=("voc_20",), num_classes=15, crop_size=512,
                         base_size=512, scale_range=(1.0, 1.0), prompt_iters=3200, ensemble_weight=0.7,
                         batch_size=16, max_iters=23200),
-    # Cross-dataset: trained on all 171 COCO-Stuff classes with ViLD prompts, 120k iterations (the released
-    # cross-dataset model was trained on the 156 seen classes instead: paper_cross_r101c).
-    "paper_cross": Config(train_dataset="coco_stuff_171", eval_datasets=CROSS_DATASET_SETS, num_classes=171,
-                          prompt="vild", prompt_iters=0, max_iters=120000, ensemble_weight=0.7),
+    # Cross-dataset: the 156 seen COCO-Stuff classes with ViLD prompts, 120k iterations (the official README).
+    "paper_cross": Config(eval_datasets=CROSS_DATASET_SETS, prompt="vild", prompt_iters=0, max_iters=120000,
+                          ensemble_weight=0.7),
     "toy": Config(  # the 8 seen colour x shape classes + background; evaluated on all 13 (4 unseen); CPU sizes
         train_dataset="toy_shapes_seen", eval_datasets=("toy_shapes",), num_classes=9, class_names=TOY_SEEN_CLASSES,
         crop_size=128, base_size=128, scale_range=(1.0, 1.0),
@@ -155,13 +153,9 @@ PRESETS = {
         backbone_multiplier=1.0, eval_interval=600, log_interval=50, ckpt_interval=300, num_workers=2),
 }
 PRESETS["paper"] = PRESETS["paper_coco"]
-# The two released models (convert_official_state_dict), on the official R101c backbone. Its ImageNet weights
-# (detectron2's DeepLab R-103.pkl) are not read by this file: to train these presets from ImageNet, backbone_weights
-# must be a local state dict of "resnet101c" in this file's names.
+# The two released models (convert_official_state_dict) on R101c; training them needs its weights in our names.
 PRESETS["paper_coco_r101c"] = replace(PRESETS["paper_coco"], backbone="resnet101c", backbone_weights="R-103.pth")
-PRESETS["paper_cross_r101c"] = replace(  # the official README: 156 seen classes, ViLD prompts, 120k iterations
-    PRESETS["paper_cross"], train_dataset="coco_stuff_171_base", num_classes=156, backbone="resnet101c",
-    backbone_weights="R-103.pth")
+PRESETS["paper_cross_r101c"] = replace(PRESETS["paper_cross"], backbone="resnet101c", backbone_weights="R-103.pth")
 
 
 def prerequisites(cfg):
@@ -264,10 +258,6 @@ def build_backbone(cfg, pretrained=True):
         print(f"zsseg: backbone {cfg.backbone} trains from scratch (backbone_weights='none')")
     elif pretrained and os.path.isfile(w):
         net.load_state_dict(torch.load(w, map_location="cpu", weights_only=True))
-    elif pretrained and cfg.backbone == "resnet101c":
-        raise FileNotFoundError(f"no resnet101c weights file {w!r}: R101c has no torchvision weights; pass "
-                                "--backbone_weights PATH (a state dict of it in this file's names; detectron2's "
-                                "R-103.pkl is not read) or 'none'")
     elif pretrained:
         try:
             weights = torchvision.models.get_model_weights(cfg.backbone)[w]
@@ -548,8 +538,8 @@ class ZSSegWrapper(nn.Module):
 
     def __init__(self, cfg, clip, tokenizer, pretrained=True):
         super().__init__()
-        if cfg.prompt not in ("learnable", "vild", "predefined"):
-            raise ValueError(f"prompt must be 'learnable', 'vild' or 'predefined', got {cfg.prompt!r}")
+        if cfg.prompt not in ("learnable", "vild"):
+            raise ValueError(f"prompt must be 'learnable' or 'vild', got {cfg.prompt!r}")
         self.cfg, self.clip, self.tokenizer = cfg, clip, tokenizer
         clip.requires_grad_(False)
         self.prompt = PromptLearner(clip, tokenizer, cfg.prompt_ctx) if cfg.prompt == "learnable" else None
@@ -558,24 +548,18 @@ class ZSSegWrapper(nn.Module):
         pre = getattr(clip.visual, "preprocess_cfg", {})  # CLIP's own mean/std (OpenAI's if create_model set none)
         for key, default in (("clip_mean", open_clip.OPENAI_DATASET_MEAN), ("clip_std", open_clip.OPENAI_DATASET_STD)):
             self.register_buffer(key, torch.tensor(pre.get(key[5:], default)), persistent=False)
-        size = clip.visual.image_size
-        self.crop_size = cfg.clip_crop_size or (size[0] if isinstance(size, (tuple, list)) else size)
+        size = clip.visual.image_size  # crops go to CLIP at its own input size (224 for ViT-B/16)
+        self.crop_size = size[0] if isinstance(size, (tuple, list)) else size
         self.text_cache = {}  # vocabulary -> (K, D), once the prompts are frozen
         self._register_load_state_dict_pre_hook(lambda *args, **kwargs: self.text_cache.clear())
 
-    def text(self, vocab, grad=False):
-        """K names -> (K, D) unit text embeddings (names stripped, as officially)."""
-        names = [n.strip() for n in vocab]
-        if grad:
-            return self.prompt(self.clip, names)
-        key = tuple(names)
+    def text(self, vocab):
+        """K names -> (K, D) unit text embeddings (names stripped, as officially), cached: the prompts are frozen."""
+        key = tuple(n.strip() for n in vocab)
         if key not in self.text_cache:
             with torch.no_grad(), torch.autocast(self.clip_mean.device.type, enabled=False):
-                if self.prompt is not None:
-                    self.text_cache[key] = self.prompt(self.clip, names)
-                else:
-                    templates = VILD_TEMPLATES if self.cfg.prompt == "vild" else ("a sculpture of a {}.",)
-                    self.text_cache[key] = encode_vocabulary(self.clip, self.tokenizer, names, templates)
+                self.text_cache[key] = (self.prompt(self.clip, key) if self.prompt is not None
+                                        else encode_vocabulary(self.clip, self.tokenizer, key))
         return self.text_cache[key]
 
     def clip_classify(self, image, masks, text):
@@ -594,7 +578,8 @@ class ZSSegWrapper(nn.Module):
             emb = self.clip.encode_image((crops - self.clip_mean.view(3, 1, 1)) / self.clip_std.view(3, 1, 1),
                                          normalize=True)  # (M, D)
         labels = torch.cat([t["labels"] for t in targets])  # (M,)
-        logits = 100 * emb.float() @ self.text(self.cfg.class_names, grad=True).float().T  # (M, K)
+        text = self.prompt(self.clip, [n.strip() for n in self.cfg.class_names])  # (K, D), gradients to ctx
+        logits = 100 * emb.float() @ text.float().T  # (M, K)
         acc = (logits.argmax(-1) == labels).float().mean() if len(labels) else logits.sum() * 0
         return {"loss_prompt": F.cross_entropy(logits, labels) if len(labels) else self.prompt.ctx.sum() * 0,
                 "prompt_acc": acc.detach()}
@@ -614,8 +599,10 @@ class ZSSegWrapper(nn.Module):
         with torch.autocast(labels.device.type, enabled=False):
             return self.criterion(out, semantic_targets(labels, len(cfg.class_names)))
 
-    def infer(self, batch, vocab):
-        """-> (query probs p (B, Q, K+1), mask logits (B, Q, H, W), text (K, D), vocab)."""
+    @torch.no_grad()
+    def predict_proposals(self, batch, vocab=None):
+        """-> {masks (B, Q, H, W) sigmoid, class_probs (B, Q, K+1) of the proposal head, clip_probs (B, Q, K) of the
+        masked crops (1 where the mask is empty), ensemble_probs (B, Q, K), valid (B, Q) bool}."""
         vocab = list(vocab if vocab is not None else self.cfg.class_names)
         if not vocab:
             raise ValueError("zsseg needs a vocabulary: predict(batch, vocab=[class names])")
@@ -623,15 +610,8 @@ class ZSSegWrapper(nn.Module):
         H, W = images.shape[-2:]
         text = self.text(vocab)
         out = self.net(F.pad(images, (0, -W % d, 0, -H % d)), text)
-        masks = F.interpolate(out["pred_masks"].float(), scale_factor=4, mode="bilinear")[..., :H, :W]  # (B, Q, H, W)
-        return out["pred_logits"].float().softmax(-1), masks, text, vocab
-
-    @torch.no_grad()
-    def predict_proposals(self, batch, vocab=None):
-        """-> {masks (B, Q, H, W) sigmoid, class_probs (B, Q, K+1) of the proposal head, clip_probs (B, Q, K) of the
-        masked crops (1 where the mask is empty), ensemble_probs (B, Q, K), valid (B, Q) bool}."""
-        probs, masks, text, vocab = self.infer(batch, vocab)
-        masks = masks.sigmoid()
+        probs = out["pred_logits"].float().softmax(-1)  # (B, Q, K+1)
+        masks = F.interpolate(out["pred_masks"].float(), scale_factor=4, mode="bilinear")[..., :H, :W].sigmoid()
         binary = masks > self.cfg.mask_thr  # (B, Q, H, W)
         valid = binary.flatten(2).any(-1)  # (B, Q): empty masks are not classified
         clip_probs = torch.ones_like(probs[..., :-1])  # (B, Q, K)
@@ -641,7 +621,7 @@ class ZSSegWrapper(nn.Module):
         train = {n.strip() for n in self.cfg.class_names}
         names = [n.strip() for n in vocab]
         seen = torch.tensor([n in train for n in names] if train <= set(names) else [False] * len(names),
-                            device=probs.device)  # difference 3: all unseen unless the vocabulary holds the training one
+                            device=probs.device)  # difference 3: all unseen unless vocab holds the training one
         blend = ensemble(probs[..., :-1], clip_probs, seen, self.cfg.ensemble_weight)  # (B, Q, K)
         return {"masks": masks, "class_probs": probs, "clip_probs": clip_probs, "ensemble_probs": blend,
                 "valid": valid}
@@ -678,11 +658,6 @@ def build_model(cfg, pretrained=True):
     return ZSSegWrapper(cfg, clip, tokenizer, pretrained)
 
 
-# Copied from san.count_trainable
-def count_trainable(module):
-    return sum(p.numel() for p in module.parameters() if p.requires_grad)
-
-
 # ----------------------------------------------------------------------------------------------------------------------
 # Released checkpoints: MendelXu/zsseg.baseline's zero-shot (learned prompts) and cross-dataset (ViLD) COCO-Stuff models
 # ----------------------------------------------------------------------------------------------------------------------
@@ -691,42 +666,43 @@ def count_trainable(module):
 # pixel_decoder}.py, modeling/transformer/{zero_shot_transformer_predictor, transformer_predictor, transformer}.py,
 # modeling/clip_adapter/{adapter, text_prompt}.py, and detectron2's projects/deeplab/resnet.py (the R101c backbone:
 # each conv holds its FrozenBN as `.norm`; stages res2..res5 are torchvision's layer1..layer4).
+def res_block(m):
+    """Official block res<s>.<i> (a match's groups 1, 2) -> ours: stages res2..res5 are torchvision's layer1..4."""
+    return f"net.backbone.layer{int(m[1]) - 1}.{m[2]}"
+
+
+def fpn_conv(m):
+    """Official adapter_<i> / layer_<i> (groups 1, 2), the lateral 1x1 / output 3x3 conv of res<i+1> -> ours."""
+    return f"net.pixel_decoder.{'lateral' if m[1] == 'adapter' else 'output'}.{int(m[2]) - 1}"
+
+
+PIX = r"sem_seg_head\.pixel_decoder\."
+DEC = r"sem_seg_head\.predictor\.transformer\.decoder\.layers\.(\d+)\."
+
+
 OFFICIAL_KEYS = (
     # backbone: the DeepLab stem, then BottleneckBlocks (conv1..3, a shortcut conv where the width changes)
     (r"backbone\.stem\.conv(\d)\.weight", r"net.backbone.stem.conv\1.weight"),
     (r"backbone\.stem\.conv(\d)\.norm\.(.+)", r"net.backbone.stem.bn\1.\2"),
-    (r"backbone\.res(\d)\.(\d+)\.conv(\d)\.weight",
-     lambda m: f"net.backbone.layer{int(m[1]) - 1}.{m[2]}.conv{m[3]}.weight"),
-    (r"backbone\.res(\d)\.(\d+)\.conv(\d)\.norm\.(.+)",
-     lambda m: f"net.backbone.layer{int(m[1]) - 1}.{m[2]}.bn{m[3]}.{m[4]}"),
-    (r"backbone\.res(\d)\.(\d+)\.shortcut\.weight",
-     lambda m: f"net.backbone.layer{int(m[1]) - 1}.{m[2]}.downsample.0.weight"),
-    (r"backbone\.res(\d)\.(\d+)\.shortcut\.norm\.(.+)",
-     lambda m: f"net.backbone.layer{int(m[1]) - 1}.{m[2]}.downsample.1.{m[3]}"),
+    (r"backbone\.res(\d)\.(\d+)\.conv(\d)\.weight", lambda m: f"{res_block(m)}.conv{m[3]}.weight"),
+    (r"backbone\.res(\d)\.(\d+)\.conv(\d)\.norm\.(.+)", lambda m: f"{res_block(m)}.bn{m[3]}.{m[4]}"),
+    (r"backbone\.res(\d)\.(\d+)\.shortcut\.weight", lambda m: f"{res_block(m)}.downsample.0.weight"),
+    (r"backbone\.res(\d)\.(\d+)\.shortcut\.norm\.(.+)", lambda m: f"{res_block(m)}.downsample.1.{m[3]}"),
     # pixel decoder (BasePixelDecoder, GroupNorm): layer_4 is the 3x3 conv on res5; adapter_i / layer_i the lateral
     # 1x1 and output 3x3 convs of res(i+1); each conv's GroupNorm is its `.norm`
-    (r"sem_seg_head\.pixel_decoder\.layer_4\.weight", r"net.pixel_decoder.top.0.weight"),
-    (r"sem_seg_head\.pixel_decoder\.layer_4\.norm\.(.+)", r"net.pixel_decoder.top.1.\1"),
-    (r"sem_seg_head\.pixel_decoder\.adapter_([123])\.weight",
-     lambda m: f"net.pixel_decoder.lateral.{int(m[1]) - 1}.0.weight"),
-    (r"sem_seg_head\.pixel_decoder\.adapter_([123])\.norm\.(.+)",
-     lambda m: f"net.pixel_decoder.lateral.{int(m[1]) - 1}.1.{m[2]}"),
-    (r"sem_seg_head\.pixel_decoder\.layer_([123])\.weight",
-     lambda m: f"net.pixel_decoder.output.{int(m[1]) - 1}.0.weight"),
-    (r"sem_seg_head\.pixel_decoder\.layer_([123])\.norm\.(.+)",
-     lambda m: f"net.pixel_decoder.output.{int(m[1]) - 1}.1.{m[2]}"),
-    (r"sem_seg_head\.pixel_decoder\.mask_features\.(.+)", r"net.pixel_decoder.mask_features.\1"),
+    (PIX + r"layer_4\.weight", r"net.pixel_decoder.top.0.weight"),
+    (PIX + r"layer_4\.norm\.(.+)", r"net.pixel_decoder.top.1.\1"),
+    (PIX + r"(adapter|layer)_([123])\.weight", lambda m: f"{fpn_conv(m)}.0.weight"),
+    (PIX + r"(adapter|layer)_([123])\.norm\.(.+)", lambda m: f"{fpn_conv(m)}.1.{m[3]}"),
+    (PIX + r"mask_features\.(.+)", r"net.pixel_decoder.mask_features.\1"),
     # transformer predictor: DETR decoder (no encoder layers), queries, input projection, mask and class MLPs
     (r"sem_seg_head\.predictor\.(query_embed|input_proj|mask_embed|class_embed)\.(.+)", r"net.\1.\2"),
     (r"sem_seg_head\.predictor\.transformer\.decoder\.norm\.(.+)", r"net.decoder_norm.\1"),
-    (r"sem_seg_head\.predictor\.transformer\.decoder\.layers\.(\d+)\.self_attn\.(.+)",
-     r"net.layers.\1.self_attn.\2"),
-    (r"sem_seg_head\.predictor\.transformer\.decoder\.layers\.(\d+)\.multihead_attn\.(.+)",
-     r"net.layers.\1.cross_attn.\2"),
-    (r"sem_seg_head\.predictor\.transformer\.decoder\.layers\.(\d+)\.linear1\.(.+)", r"net.layers.\1.ffn.0.\2"),
-    (r"sem_seg_head\.predictor\.transformer\.decoder\.layers\.(\d+)\.linear2\.(.+)", r"net.layers.\1.ffn.3.\2"),
-    (r"sem_seg_head\.predictor\.transformer\.decoder\.layers\.(\d+)\.norm([123])\.(.+)",
-     lambda m: f"net.layers.{m[1]}.norms.{int(m[2]) - 1}.{m[3]}"),
+    (DEC + r"self_attn\.(.+)", r"net.layers.\1.self_attn.\2"),
+    (DEC + r"multihead_attn\.(.+)", r"net.layers.\1.cross_attn.\2"),
+    (DEC + r"linear1\.(.+)", r"net.layers.\1.ffn.0.\2"),
+    (DEC + r"linear2\.(.+)", r"net.layers.\1.ffn.3.\2"),
+    (DEC + r"norm([123])\.(.+)", lambda m: f"net.layers.{m[1]}.norms.{int(m[2]) - 1}.{m[3]}"),
     # the CLIP adapter: OpenAI CLIP (open_clip's names), the no-object embedding, the learned prompt's context
     (r"clip_adapter\.clip_model\.(.+)", r"clip.\1"),
     (r"clip_adapter\.non_object_embedding", r"net.non_object"),
@@ -776,8 +752,7 @@ def convert_official_state_dict(official, cfg):
     skipped), and every key of ours must be filled: otherwise a ValueError lists the unknown, missing and mis-shaped
     keys, and nothing is returned."""
     official = official_weights(official)
-    wrapper = build_model(cfg, pretrained=False)
-    ours = wrapper.state_dict()
+    ours = build_model(cfg, pretrained=False).state_dict()
     out, unknown, mismatched = {}, [], []
     for key, value in official.items():
         if OFFICIAL_UNUSED.fullmatch(key):
@@ -796,7 +771,6 @@ def convert_official_state_dict(official, cfg):
         raise ValueError(f"the checkpoint does not fit zsseg with this config ({len(unknown)} unknown, {len(missing)} "
                          f"missing, {len(mismatched)} mis-shaped keys): unknown {listing(unknown)}, missing "
                          f"{listing(missing)}, mis-shaped {listing(mismatched)}{hint}")
-    wrapper.load_state_dict(out)  # strict: a last check
     return out
 
 
@@ -823,7 +797,3 @@ if __name__ == "__main__":
             losses["loss"].backward()
             print(f"step {step}:", {k: round(v.item(), 3) for k, v in losses.items() if "_" not in k[5:]})
         print("predict:", tuple(wrapper.predict({"image": torch.rand(1, 3, 100, 75)}, ["cat", "dog", "sky"]).shape))
-        print(f"toy-sized zsseg on a tiny CLIP: {count_trainable(wrapper) / 1e6:.2f}M trainable")
-    paper = build_model(PRESETS["paper"], pretrained=False)
-    print(f"paper (R101 + ViT-B/16): {count_trainable(paper) / 1e6:.2f}M trainable, "
-          f"{sum(p.numel() for p in paper.parameters()) / 1e6:.1f}M in all")
