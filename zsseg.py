@@ -383,9 +383,11 @@ class ZeroShotMaskFormer(nn.Module):
         self.register_buffer("std", torch.tensor([0.229, 0.224, 0.225]).view(1, 3, 1, 1), persistent=False)
 
     def forward(self, images, text):
-        """images (B, 3, H, W) in [0, 1], padded to size_divisibility; text (K, D) unit rows -> {pred_logits
-        (B, Q, K+1), pred_masks (B, Q, H/4, W/4) logits, aux_outputs: [the same of decoder layers 1..5]}."""
-        feats = backbone_features(self.backbone, (images - self.mean) / self.std)  # res2..res5
+        """images (B, 3, H, W) in [0, 1]; text (K, D) unit rows -> {pred_logits (B, Q, K+1), pred_masks (B, Q, Hp/4,
+        Wp/4) logits (Hp, Wp: H, W padded to size_divisibility), aux_outputs: [the same of decoder layers 1..5]}."""
+        (H, W), d = images.shape[-2:], self.cfg.size_divisibility
+        x = F.pad((images - self.mean) / self.std, (0, -W % d, 0, -H % d))  # (B, 3, Hp, Wp), 0 = the mean colour
+        feats = backbone_features(self.backbone, x)  # res2..res5
         mask_features = self.pixel_decoder(feats)  # (B, mask_dim, H/4, W/4)
         src = self.input_proj(feats[-1])  # (B, E, H/32, W/32)
         pos = sine_position(src).flatten(2).transpose(1, 2)  # (B, hw, E)
@@ -593,9 +595,8 @@ class ZSSegWrapper(nn.Module):
             losses = self.prompt_step(batch)
             return {"loss": losses["loss_prompt"], **losses}
         d, (H, W) = cfg.size_divisibility, batch["label"].shape[-2:]
-        images = F.pad(batch["image"], (0, -W % d, 0, -H % d))
-        labels = F.pad(batch["label"], (0, -W % d, 0, -H % d), value=IGNORE)  # (B, Hp, Wp)
-        out = self.net(images, self.text(cfg.class_names))  # prompts frozen from here on
+        labels = F.pad(batch["label"], (0, -W % d, 0, -H % d), value=IGNORE)  # (B, Hp, Wp), like the padded input
+        out = self.net(batch["image"], self.text(cfg.class_names))  # prompts frozen from here on
         with torch.autocast(labels.device.type, enabled=False):
             return self.criterion(out, semantic_targets(labels, len(cfg.class_names)))
 
@@ -606,10 +607,9 @@ class ZSSegWrapper(nn.Module):
         vocab = list(vocab if vocab is not None else self.cfg.class_names)
         if not vocab:
             raise ValueError("zsseg needs a vocabulary: predict(batch, vocab=[class names])")
-        images, d = batch["image"], self.cfg.size_divisibility
-        H, W = images.shape[-2:]
+        H, W = batch["image"].shape[-2:]
         text = self.text(vocab)
-        out = self.net(F.pad(images, (0, -W % d, 0, -H % d)), text)
+        out = self.net(batch["image"], text)
         probs = out["pred_logits"].float().softmax(-1)  # (B, Q, K+1)
         masks = F.interpolate(out["pred_masks"].float(), scale_factor=4, mode="bilinear")[..., :H, :W].sigmoid()
         binary = masks > self.cfg.mask_thr  # (B, Q, H, W)

@@ -1,5 +1,6 @@
 """zsseg.py: masked-crop classification, the seen/unseen ensemble, stage-0 prompt learning (only the context trains),
 matching with no target, the `_base` layouts, and train.py -> eval.py with --image/--vocab, on a tiny random CLIP."""
+import copy
 import dataclasses
 import json
 import os
@@ -124,6 +125,28 @@ def test_predict_shapes_and_the_seen_rule(cfg):
     expected = zsseg.ensemble(p["class_probs"][..., :-1], p["clip_probs"], seen, cfg.ensemble_weight)
     assert torch.allclose(p["ensemble_probs"], expected)
     assert wrapper.predict({"image": torch.rand(2, 3, 40, 50)}, vocab=["cat"]).shape == (2, 1, 40, 50)
+
+
+def test_padding_is_the_official_one_normalise_then_zero_pad(cfg):
+    """A 170 x 200 image gives the proposals (and training loss) of the same image normalised and zero-padded to
+    192 x 224 by hand, the official way: padded pixels are the mean colour, not -mean/std."""
+    torch.manual_seed(0)
+    wrapper = zsseg.build_model(cfg).eval()
+    image, label = torch.rand(1, 3, 170, 200), torch.randint(0, 2, (1, 170, 200))
+    by_hand = copy.deepcopy(wrapper.net)
+    by_hand.mean.zero_(), by_hand.std.fill_(1)  # this copy takes the hand-normalised input as it is
+    x = torch.nn.functional.pad((image - wrapper.net.mean) / wrapper.net.std, (0, 24, 0, 22))  # (1, 3, 192, 224)
+    with torch.no_grad():
+        ref = by_hand(x, wrapper.text(VOCAB))
+    p = wrapper.predict_proposals({"image": image}, vocab=VOCAB)
+    masks = torch.nn.functional.interpolate(ref["pred_masks"], scale_factor=4, mode="bilinear")[..., :170, :200]
+    assert torch.allclose(p["class_probs"], ref["pred_logits"].softmax(-1), atol=1e-5)
+    assert torch.allclose(p["masks"], masks.sigmoid(), atol=1e-5)
+    with torch.no_grad():
+        loss = wrapper({"image": image, "label": label}, step=cfg.prompt_iters)["loss"]
+        labels = torch.nn.functional.pad(label, (0, 24, 0, 22), value=255)
+        expected = wrapper.criterion(ref, zsseg.semantic_targets(labels, 2))["loss"]
+    assert torch.allclose(loss, expected, rtol=1e-5)
 
 
 def write(path, array):
