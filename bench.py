@@ -11,18 +11,23 @@
 
 What is measured, for one block at batch 1, in eval mode under torch.no_grad:
   - GFLOPs: torch.utils.flop_counter.FlopCounterMode, which counts matmul and convolution FLOPs as 2 x multiply-adds
-    (so GFLOPs = 2 x GMACs); pooling, softmax, BatchNorm and element-wise ops are not counted.
+    (so GFLOPs = 2 x GMACs); pooling, softmax, BatchNorm and element-wise ops are not counted. Attention is counted
+    (count_flops): the counted pass runs nn.MultiheadAttention without its fused fast path, which the counter sees
+    as 0 FLOPs, and the CPU fused attention kernel gets a rule.
   - peak memory: on CUDA, torch.cuda.max_memory_allocated during the forward minus what was allocated before it
     (input and weights). On CPU, the peak total size of the tensor storages created during the forward and alive at
-    the same time, tracked at the dispatcher (LivePeak); input and weights excluded, and so are allocator overhead
-    and scratch memory used inside a kernel (oneDNN/MKL workspaces) -- a lower bound of what the process needs.
+    the same time, tracked at the dispatcher (LivePeak) in the counted pass (attention op by op); input and weights
+    excluded, and so are allocator overhead and scratch memory used inside a kernel (oneDNN/MKL workspaces) -- a
+    lower bound of what the process needs.
   - time: the median of --runs forward passes after a warm-up pass, synchronised on CUDA (default 20 runs on CUDA,
     1 on CPU, where the non-local block at 128x256 takes most of a minute).
 
 Each model registers a function in BENCHES; `--model NAME` runs it with the parsed arguments.
 """
 import argparse
+import contextlib
 import json
+import math
 import statistics
 import subprocess
 import sys
@@ -81,6 +86,28 @@ class LivePeak(TorchDispatchMode):
         return out
 
 
+def sdpa_cpu_flops(query_shape, key_shape, value_shape, *args, out_shape=None, **kwargs):
+    """FLOPs of the CPU fused attention kernel (uncounted by FlopCounterMode): q (..., L, d), k (..., S, d),
+    v (..., S, dv) -> q k^T and the weighted sum of v, 2 x (L S d + L S dv) per batch and head."""
+    (L, d), S, dv = query_shape[-2:], key_shape[-2], value_shape[-1]
+    return 2 * math.prod(query_shape[:-2]) * L * S * (d + dv)
+
+
+@contextlib.contextmanager
+def count_flops():
+    """A FlopCounterMode that counts attention. In eval mode under no_grad, nn.MultiheadAttention takes a fast path,
+    one fused op the counter scores 0, so inside this block the fast path is off (torch.backends.mha): the same
+    projections and attention run op by op, the counter sees them all, and the CPU fused kernel has a rule."""
+    fast = torch.backends.mha.get_fastpath_enabled()
+    torch.backends.mha.set_fastpath_enabled(False)
+    rules = {torch.ops.aten._scaled_dot_product_flash_attention_for_cpu: sdpa_cpu_flops}
+    try:
+        with FlopCounterMode(display=False, custom_mapping=rules) as counter:
+            yield counter
+    finally:
+        torch.backends.mha.set_fastpath_enabled(fast)
+
+
 def sync(device):
     if device.type == "cuda":
         torch.cuda.synchronize(device)
@@ -90,8 +117,9 @@ def sync(device):
 def measure(fn, device, runs):
     """{"gflops", "peak_mib", "ms"} of `fn()` (a forward pass; inputs already on `device`)."""
     if device.type == "cuda":
-        with FlopCounterMode(display=False) as counter:  # doubles as the warm-up pass
+        with count_flops() as counter:
             fn()
+        fn()  # the warm-up pass, with the fast path the timed passes take
         sync(device)
         torch.cuda.empty_cache()
         torch.cuda.reset_peak_memory_stats(device)
@@ -100,7 +128,7 @@ def measure(fn, device, runs):
         sync(device)
         peak = torch.cuda.max_memory_allocated(device) - before
     else:  # one pass counts both (and warms up): the CPU non-local block at 128x256 takes most of a minute
-        with FlopCounterMode(display=False) as counter, LivePeak() as tracker:
+        with count_flops() as counter, LivePeak() as tracker:  # attention's memory: that of the op-by-op path
             fn()
         peak = tracker.peak
     times = []

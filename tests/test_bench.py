@@ -21,6 +21,22 @@ def test_ann_block_table_prints_ratios_and_counts_flops_right(capsys):
     assert bench.ann_analytic_gmacs(2048, 256, 256, 2048, n, 110, False) == pytest.approx(70.6 - 17.18, abs=0.1)
 
 
+def test_attention_flops_are_counted_on_the_fast_path_too():
+    """One nn.MultiheadAttention layer in eval mode under no_grad (its fused fast path) and a bare
+    F.scaled_dot_product_attention on CPU, against hand-computed FLOPs (2 x multiply-adds)."""
+    B, L, E, heads = 2, 50, 64, 4
+    layer, x = torch.nn.MultiheadAttention(E, heads, batch_first=True).eval(), torch.randn(B, L, E)
+    # q, k, v projections 3 L E^2, q k^T and the weighted sum of v 2 L^2 E, output projection L E^2 (per image)
+    expected = 2 * B * (3 * L * E * E + 2 * L * L * E + L * E * E)
+    for need_weights in (False, True):
+        r = bench.measure(lambda: layer(x, x, x, need_weights=need_weights), torch.device("cpu"), runs=1)
+        assert r["gflops"] * 1e9 == pytest.approx(expected, rel=1e-9)
+    q, k, v = torch.randn(B, heads, L, 16), torch.randn(B, heads, 30, 16), torch.randn(B, heads, 30, 8)
+    r = bench.measure(lambda: torch.nn.functional.scaled_dot_product_attention(q, k, v), torch.device("cpu"), 1)
+    assert r["gflops"] * 1e9 == pytest.approx(2 * B * heads * L * 30 * (16 + 8), rel=1e-9)
+    assert torch.backends.mha.get_fastpath_enabled()  # the fast path is back on for the timed passes
+
+
 def test_live_peak_counts_tensors_alive_together():
     x = torch.randn(256, 256)  # made before: not counted, nor are views of it
     with torch.no_grad(), bench.LivePeak() as tracker:
