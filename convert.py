@@ -15,7 +15,7 @@ that lists them: nothing is written half-way.
 """
 import argparse
 import dataclasses
-import pickle
+import re
 import sys
 from pathlib import Path
 
@@ -25,22 +25,33 @@ from checkpoint import load_model_module, save_checkpoint
 
 
 def numpy_globals():
-    """What a pickled numpy array or scalar needs: numpy's array reconstruction, ndarray, dtype and its classes."""
+    """What a pickled numpy array or scalar needs: numpy's array reconstruction and scalar, ndarray, dtype and its
+    classes. The reconstruction and the scalar are allowed under both module names, numpy 2's numpy._core and numpy
+    1.x's numpy.core: the released files were pickled under numpy 1 (ANN's runner_state holds numpy scalars)."""
     import numpy as np
     core = np._core if hasattr(np, "_core") else np.core
     dtypes = [getattr(np.dtypes, n) for n in dir(np.dtypes) if n.endswith("DType")]
-    return [core.multiarray._reconstruct, core.multiarray.scalar, np.ndarray, np.dtype, *dtypes]
+    return [(getattr(core.multiarray, f), f"{package}.multiarray.{f}") for f in ("_reconstruct", "scalar")
+            for package in ("numpy.core", "numpy._core")] + [np.ndarray, np.dtype, *dtypes]
 
 
 def load_official(src):
     """The released file, read with weights_only=True: tensors and plain data, plus numpy arrays (the frameworks
-    pickled some beside the weights, e.g. ANN's runner_state); any other object is refused, never run."""
+    pickled some beside the weights, e.g. ANN's runner_state); any other object is refused, never run. Whatever
+    the loader raises (a text file, random bytes, an empty file, a zip of something else) is one ValueError."""
     try:
         with torch.serialization.safe_globals(numpy_globals()):
-            return torch.load(src, map_location="cpu", weights_only=True)
-    except pickle.UnpicklingError as e:
-        raise ValueError(f"{src} holds objects other than tensors, numbers and numpy arrays, so it was not loaded "
-                         f"(only weights_only=True reads are made): {str(e).splitlines()[0]}") from None
+            official = torch.load(src, map_location="cpu", weights_only=True)
+    except Exception as e:  # torch's advice (weights_only=False) must never be followed with a file of unknown origin
+        found = re.search(r"Unsupported global: GLOBAL (\S+)", str(e))
+        if found:
+            raise ValueError(f"{src} holds objects other than tensors, numbers and numpy arrays ({found[1]}), so it "
+                             "was not loaded (only weights_only=True reads are made)") from None
+        raise ValueError(f"{src} is not a readable checkpoint: corrupt, truncated, or not a PyTorch file "
+                         f"({type(e).__name__} from torch.load)") from None
+    if not isinstance(official, dict):
+        raise ValueError(f"{src} is not a checkpoint: it holds a {type(official).__name__}, not a dict of tensors")
+    return official
 
 
 def convert(model_name, src, dst, preset=None, force=False):
@@ -53,7 +64,10 @@ def convert(model_name, src, dst, preset=None, force=False):
     if not Path(src).is_file():
         raise FileNotFoundError(f"no official checkpoint at {src}")
     official = load_official(src)
-    preset = preset or module.official_preset(module.official_weights(official))
+    weights = module.official_weights(official)
+    if not isinstance(weights, dict) or not weights or not all(torch.is_tensor(v) for v in weights.values()):
+        raise ValueError(f"{src} is not a released {model_name} checkpoint: no state dict of tensors in it")
+    preset = preset or module.official_preset(weights)
     if preset not in module.PRESETS:
         raise ValueError(f"cannot tell which {model_name} preset {src} is; pass --preset (one of "
                          f"{', '.join(module.PRESETS)})")

@@ -719,8 +719,8 @@ def official_weights(checkpoint):
 
 def official_preset(state):
     """The preset of a released checkpoint, told by CLIP's width: 768 -> "paper" (B/16), 1024 -> "paper_l14"."""
-    width = state["clip_visual_extractor.conv1.weight"].shape[0]
-    return {768: "paper", 1024: "paper_l14"}.get(width)
+    conv1 = state.get("clip_visual_extractor.conv1.weight")
+    return None if conv1 is None else {768: "paper", 1024: "paper_l14"}.get(conv1.shape[0])
 
 
 def convert_official_state_dict(official, cfg):

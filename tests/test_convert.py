@@ -6,9 +6,13 @@ models/{backbones/resnet,seg/nets/annn,seg/utils/afnb,seg/utils/apnb}.py; Mendel
 mask_former/modeling/{heads,transformer,clip_adapter}/* and detectron2's projects/deeplab/resnet.py; tengteng95/
 Pose-Transfer models/{model_variants,networks}.py), with random values, converts it and checks where every tensor lands.
 """
+import argparse
 import dataclasses
 import json
+import pickle
 import re
+import zipfile
+from types import SimpleNamespace
 
 import numpy as np
 import open_clip
@@ -212,6 +216,66 @@ def test_convert_py_writes_a_checkpoint_that_eval_loads(tiny, monkeypatch):
     assert (tmp / "photo_overlay.png").is_file() and (tmp / "photo_proposals.png").is_file()
 
 
+class Numpy1Pickler(pickle._Pickler):
+    """Pickles numpy's globals under numpy 1.x's module names (numpy.core.multiarray.scalar, ...), as the released
+    files were written, whatever numpy is installed here (numpy 2 would write numpy._core.multiarray.scalar)."""
+
+    def save_global(self, obj, name=None):
+        module = getattr(obj, "__module__", None) or ""
+        if not module.startswith("numpy._core"):
+            return super().save_global(obj, name)
+        self.write(pickle.GLOBAL + f"numpy.core{module[len('numpy._core'):]}\n{name or obj.__qualname__}\n".encode())
+        self.memoize(obj)
+
+
+def save_as_numpy1(obj, path):
+    """torch.save as PyTorch 1.x did (the legacy format, pickle protocol 2), numpy globals under numpy 1's names."""
+    numpy1_pickle = SimpleNamespace(__name__="numpy1_pickle", Pickler=Numpy1Pickler, dump=pickle.dump)
+    torch.save(obj, path, pickle_module=numpy1_pickle, _use_new_zipfile_serialization=False)
+
+
+def test_a_file_pickled_under_numpy_1_loads(tmp_path):
+    src = tmp_path / "released.pth"
+    save_as_numpy1({"state_dict": {"w": torch.ones(2)}, "runner_state": {
+        "performance": np.float64(0.799), "iters": np.int64(60000), "history": np.arange(3.0, dtype=np.float32)}}, src)
+    raw = src.read_bytes()
+    assert b"numpy.core.multiarray\nscalar\n" in raw and b"numpy.core.multiarray\n_reconstruct\n" in raw
+    assert b"numpy._core" not in raw
+    state = convert.load_official(src)["runner_state"]
+    assert state["performance"] == np.float64(0.799) and state["iters"] == 60000
+    assert state["history"].dtype == np.float32 and state["history"].tolist() == [0, 1, 2]
+
+
+@pytest.mark.parametrize("kind", ["text", "random bytes", "empty", "zip", "html", "tensor", "dict of strings",
+                                  "foreign object"])
+def test_a_file_that_is_no_checkpoint_is_a_one_line_error(kind, tmp_path, capsys):
+    src = tmp_path / "released.pth"
+    if kind == "text":
+        src.write_text("this is a text file\nnot a checkpoint\n")
+    elif kind == "random bytes":
+        src.write_bytes(np.random.default_rng(0).bytes(4096))
+    elif kind == "empty":
+        src.write_bytes(b"")
+    elif kind == "zip":
+        with zipfile.ZipFile(src, "w") as z:
+            z.writestr("archive/readme.txt", "hello")
+    elif kind == "html":
+        src.write_text("<html><body>404 Not Found</body></html>")
+    elif kind == "tensor":
+        torch.save(torch.zeros(3), src)
+    elif kind == "dict of strings":
+        torch.save({"model": {"a": "b"}}, src)
+    else:
+        torch.save({"model": {}, "args": argparse.Namespace(lr=0.1)}, src)  # a class: never unpickled
+    for model in ("san", "ann", "zsseg", "pose_transfer"):
+        with pytest.raises(SystemExit) as exit_info:
+            convert.main([model, str(src), str(tmp_path / "out" / "ckpt.pt")])
+        err = capsys.readouterr().err
+        assert exit_info.value.code == 2 and err.startswith(f"error: {src}") and len(err.strip().splitlines()) == 1
+        assert not (tmp_path / "out").exists()
+    assert ("objects other than tensors" in err) == (kind == "foreign object")
+
+
 def test_san_test_protocol_resizes_the_short_side_and_back(tiny):
     cfg, official, _ = tiny
     resized = san.resize_short_side(torch.rand(1, 3, 480, 1000), 640, 2560)
@@ -371,7 +435,7 @@ def test_ann_released_model_converts_and_matches_the_official_forward(official_a
     state = {f"module.{k}": v for k, v in official_ann.state_dict().items()}  # saved from DataParallel
     assert "module.context.2.stages.0.f_query.1.0.running_var" in state  # the shared module is saved twice
     src, dst = tmp_path / "fs_annn_cityscapes_segohem_latest.pth", tmp_path / "ann" / "ckpt.pt"
-    torch.save({"state_dict": state, "config_dict": {}, "runner_state": {"performance": np.float64(0.799)}}, src)
+    save_as_numpy1({"state_dict": state, "config_dict": {}, "runner_state": {"performance": np.float64(0.799)}}, src)
     assert convert.convert("ann", src, dst) == "paper_deepstem"  # preset told from the deep stem
     ckpt = torch.load(dst, map_location="cpu", weights_only=True)
     import ann
