@@ -472,6 +472,15 @@ def listing(keys, n=20):
     return str(keys[:n]) + (f" and {len(keys) - n} more" if len(keys) > n else "")
 
 
+# Copied from san.released_name
+def released_name(name, released, to_ours):
+    """Our key `name`, not filled by a released file -> its name there: a file key mapping into the same module of
+    ours (released: official key -> ours), as is or its last piece swapped, checked by to_ours; "?" if none."""
+    module, _, leaf = name.rpartition(".")
+    twins = [k for k, o in released.items() if (o or "").rpartition(".")[0] == module]
+    return next((c for k in twins for c in (k, f"{k.rpartition('.')[0]}.{leaf}") if to_ours(c) == name), "?")
+
+
 def official_name_to_ours(key):
     """One official key -> our key, or None if no rule of OFFICIAL_KEYS matches it."""
     for pattern, target in OFFICIAL_KEYS:
@@ -500,7 +509,7 @@ def convert_official_state_dict(official, cfg):
     PyTorch < 0.4.1 did not save and eval never reads, is kept at ours when absent."""
     official = official_weights(official)
     ours = build_model(cfg, pretrained=False).state_dict()
-    out, unknown, mismatched = {}, [], []
+    out, unknown, mismatched, released = {}, [], [], {}
     for key, value in official.items():
         shared = re.fullmatch(OFFICIAL_SHARED[0], key)
         if shared:  # the second name of APNB's shared query/key projection
@@ -508,7 +517,7 @@ def convert_official_state_dict(official, cfg):
             if twin is None or not torch.equal(twin, value):
                 unknown.append(f"{key} (differs from its f_key twin)")
             continue
-        name = official_name_to_ours(key)
+        name = released[key] = official_name_to_ours(key)
         if name not in ours:
             unknown.append(key if name is None else f"{key} (-> {name})")
         elif ours[name].shape != value.shape:
@@ -516,7 +525,7 @@ def convert_official_state_dict(official, cfg):
         else:
             out[name] = value.to(ours[name].dtype)
     out.update({k: v for k, v in ours.items() if k.endswith("num_batches_tracked") and k not in out})
-    missing = sorted(set(ours) - set(out))
+    missing = [f"{released_name(m, released, official_name_to_ours)} (-> {m})" for m in sorted(set(ours) - set(out))]
     if unknown or missing or mismatched:
         raise ValueError(f"the checkpoint does not fit ANN with this config ({len(unknown)} unknown, {len(missing)} "
                          f"missing, {len(mismatched)} mis-shaped keys): unknown {listing(unknown)}, missing "

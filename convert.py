@@ -10,8 +10,9 @@ zero-shot and cross-dataset COCO-Stuff models, R101c) and pose_transfer (PATN's 
 generators). The key mapping of each paper lives in its model file, as a readable table next to its builders
 (san.OFFICIAL_KEYS, ann.OFFICIAL_KEYS, zsseg.OFFICIAL_KEYS, pose_transfer.OFFICIAL_KEYS); this script only finds the
 preset, calls the model file's converter and writes the checkpoint (config = the matching paper preset, the model
-name, the weights). A key that the table does not know, or a weight of ours that the file does not fill, is an error
-that lists them: nothing is written half-way.
+name, the weights). A key that the table does not know, or a weight of ours that the file does not fill (named as in
+the file, which the user holds, and as ours), is an error that lists them: nothing is written half-way. A file that
+is no checkpoint at all is a one-line error, whatever torch.load raises on it.
 """
 import argparse
 import dataclasses

@@ -447,6 +447,15 @@ def listing(keys, n=20):
     return str(keys[:n]) + (f" and {len(keys) - n} more" if len(keys) > n else "")
 
 
+# Copied from san.released_name
+def released_name(name, released, to_ours):
+    """Our key `name`, not filled by a released file -> its name there: a file key mapping into the same module of
+    ours (released: official key -> ours), as is or its last piece swapped, checked by to_ours; "?" if none."""
+    module, _, leaf = name.rpartition(".")
+    twins = [k for k, o in released.items() if (o or "").rpartition(".")[0] == module]
+    return next((c for k in twins for c in (k, f"{k.rpartition('.')[0]}.{leaf}") if to_ours(c) == name), "?")
+
+
 # Copied from ann.official_name_to_ours
 def official_name_to_ours(key):
     """One official key -> our key, or None if no rule of OFFICIAL_KEYS matches it."""
@@ -489,9 +498,9 @@ def convert_official_state_dict(official, cfg):
     ours = wrapper.state_dict()
     instance_norms = {f"generator.{n}" for n, m in wrapper.generator.named_modules()
                       if isinstance(m, nn.InstanceNorm2d)}
-    out, unknown, mismatched = {}, [], []
+    out, unknown, mismatched, released = {}, [], [], {}
     for key, value in official.items():
-        name = official_name_to_ours(key)
+        name = released[key] = official_name_to_ours(key)
         module, _, leaf = (name or "").rpartition(".")
         if module in instance_norms and leaf in ("running_mean", "running_var"):
             continue  # PyTorch 0.3's unused InstanceNorm statistics (DeepFashion)
@@ -503,7 +512,7 @@ def convert_official_state_dict(official, cfg):
             out[name] = value.to(ours[name].dtype)
     generator = {k for k in ours if k.startswith("generator.")}
     out.update({k: torch.zeros_like(ours[k]) for k in generator - set(out) if k.endswith(".num_batches_tracked")})
-    missing = sorted(generator - set(out))
+    missing = [f"{released_name(m, released, official_name_to_ours)} (-> {m})" for m in sorted(generator - set(out))]
     if unknown or missing or mismatched:
         hint = (" (a block's second conv at index 5 means a generator trained with --no_dropout: use dropout=0)"
                 if any(re.search(r"conv_block_stream\d\.5\.weight", k) for k in unknown) else "")

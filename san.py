@@ -703,6 +703,14 @@ def listing(keys, n=20):
     return str(keys[:n]) + (f" and {len(keys) - n} more" if len(keys) > n else "")
 
 
+def released_name(name, released, to_ours):
+    """Our key `name`, not filled by a released file -> its name there: a file key mapping into the same module of
+    ours (released: official key -> ours), as is or its last piece swapped, checked by to_ours; "?" if none."""
+    module, _, leaf = name.rpartition(".")
+    twins = [k for k, o in released.items() if (o or "").rpartition(".")[0] == module]
+    return next((c for k in twins for c in (k, f"{k.rpartition('.')[0]}.{leaf}") if to_ours(c) == name), "?")
+
+
 def official_name_to_ours(key, k):
     """One official key -> our key, or None if no rule of OFFICIAL_KEYS matches it."""
     for pattern, target in OFFICIAL_KEYS:
@@ -731,18 +739,19 @@ def convert_official_state_dict(official, cfg):
     official = official_weights(official)
     wrapper = build_model(cfg, pretrained=False)
     ours, k = wrapper.state_dict(), cfg.clip_feature_layers[-1]
-    out, unknown, mismatched = {}, [], []
+    out, unknown, mismatched, released = {}, [], [], {}
     for key, value in official.items():
         if key in OFFICIAL_UNUSED:
             continue
-        name = official_name_to_ours(key, k)
+        name = released[key] = official_name_to_ours(key, k)
         if name not in ours:
             unknown.append(key if name is None else f"{key} (-> {name})")
         elif ours[name].numel() != value.numel():
             mismatched.append(f"{key} {tuple(value.shape)} -> {name} {tuple(ours[name].shape)}")
         else:
             out[name] = value.reshape(ours[name].shape).to(ours[name].dtype)  # only the (1, n, W) embeds reshape
-    missing = sorted(set(ours) - set(out))
+    missing = [f"{released_name(m, released, lambda key: official_name_to_ours(key, k))} (-> {m})"
+               for m in sorted(set(ours) - set(out))]  # named as in the released file, which the user holds
     if unknown or missing or mismatched:
         raise ValueError(f"the checkpoint does not fit SAN with this config ({len(unknown)} unknown, {len(missing)} "
                          f"missing, {len(mismatched)} mis-shaped keys): unknown {listing(unknown)}, missing "

@@ -275,8 +275,7 @@ def build_backbone(cfg, pretrained=True):
 
 def backbone_features(net, x):
     """x (B, 3, H, W) -> [res2 (B, C2, H/4, W/4), res3 /8, res4 /16, res5 (B, C5, H/32, W/32)]."""
-    x = net.maxpool(net.stem(x) if hasattr(net, "stem") else net.relu(net.bn1(net.conv1(x))))
-    feats = []
+    x, feats = net.maxpool(net.stem(x) if hasattr(net, "stem") else net.relu(net.bn1(net.conv1(x)))), []
     for layer in (net.layer1, net.layer2, net.layer3, net.layer4):
         x = layer(x)
         feats.append(x)
@@ -433,8 +432,7 @@ def focal_loss(logits, targets, alpha=0.25, gamma=2.0):
     p = logits.sigmoid()
     ce = F.binary_cross_entropy_with_logits(logits, targets, reduction="none")
     p_t = p * targets + (1 - p) * (1 - targets)
-    loss = ce * (1 - p_t) ** gamma * (alpha * targets + (1 - alpha) * (1 - targets))
-    return loss.mean(-1)
+    return (ce * (1 - p_t) ** gamma * (alpha * targets + (1 - alpha) * (1 - targets))).mean(-1)
 
 
 # Copied from san.dice_loss
@@ -458,8 +456,7 @@ class HungarianMatcher(nn.Module):
         [(query indices, target indices)] per image, int64 tensors of equal length min(Q, T)."""
         indices = []
         for logits, masks, t in zip(outputs["pred_logits"], outputs["pred_masks"], targets):
-            T = len(t["labels"])
-            if T == 0:
+            if len(t["labels"]) == 0:
                 indices.append((t["labels"].new_zeros(0), t["labels"].new_zeros(0)))
                 continue
             cost_class = -logits.float().softmax(-1)[:, t["labels"]]  # (Q, T)
@@ -482,8 +479,7 @@ class SetCriterion(nn.Module):
 
     def __init__(self, cfg):
         super().__init__()
-        self.cfg = cfg
-        self.matcher = HungarianMatcher(cfg.class_weight, cfg.focal_weight, cfg.dice_weight)
+        self.cfg, self.matcher = cfg, HungarianMatcher(cfg.class_weight, cfg.focal_weight, cfg.dice_weight)
 
     def forward(self, outputs, targets):
         """-> {loss_ce, loss_focal, loss_dice, loss_ce_0, ... (decoder layer i), loss}, each already weighted."""
@@ -505,8 +501,7 @@ class SetCriterion(nn.Module):
         q = torch.cat([q for q, _ in indices])  # (M,)
         target_classes = torch.full(logits.shape[:2], K, device=logits.device)  # (B, Q) no-object unless matched
         target_classes[b, q] = torch.cat([t["labels"][j] for t, (_, j) in zip(targets, indices)])
-        weight = torch.ones(K + 1, device=logits.device)
-        weight[K] = cfg.no_object_weight
+        weight = torch.cat([logits.new_ones(K), logits.new_tensor([cfg.no_object_weight])])  # (K+1,)
         losses = {"loss_ce": cfg.class_weight * F.cross_entropy(logits.transpose(1, 2), target_classes, weight)}
         if len(q) == 0:
             zero = out["pred_masks"].sum() * 0.0
@@ -607,8 +602,7 @@ class ZSSegWrapper(nn.Module):
         vocab = list(vocab if vocab is not None else self.cfg.class_names)
         if not vocab:
             raise ValueError("zsseg needs a vocabulary: predict(batch, vocab=[class names])")
-        H, W = batch["image"].shape[-2:]
-        text = self.text(vocab)
+        (H, W), text = batch["image"].shape[-2:], self.text(vocab)
         out = self.net(batch["image"], text)
         probs = out["pred_logits"].float().softmax(-1)  # (B, Q, K+1)
         masks = F.interpolate(out["pred_masks"].float(), scale_factor=4, mode="bilinear")[..., :H, :W].sigmoid()
@@ -639,9 +633,8 @@ class ZSSegWrapper(nn.Module):
         for mname, module in self.net.named_modules():
             for name, p in module.named_parameters(recurse=False):
                 if p.requires_grad:
-                    norm = isinstance(module, (nn.LayerNorm, nn.GroupNorm, nn.Embedding))
                     lr = cfg.lr * (cfg.backbone_multiplier if mname.startswith("backbone") else 1.0)
-                    wd = 0.0 if norm else cfg.weight_decay
+                    wd = 0.0 if isinstance(module, (nn.LayerNorm, nn.GroupNorm, nn.Embedding)) else cfg.weight_decay
                     groups.setdefault((lr, wd), []).append(p)
         params = [{"params": ps, "lr": lr, "weight_decay": wd} for (lr, wd), ps in groups.items()]
         if self.prompt is not None:
@@ -678,7 +671,6 @@ def fpn_conv(m):
 
 PIX = r"sem_seg_head\.pixel_decoder\."
 DEC = r"sem_seg_head\.predictor\.transformer\.decoder\.layers\.(\d+)\."
-
 
 OFFICIAL_KEYS = (
     # backbone: the DeepLab stem, then BottleneckBlocks (conv1..3, a shortcut conv where the width changes)
@@ -720,6 +712,15 @@ def listing(keys, n=20):
     return str(keys[:n]) + (f" and {len(keys) - n} more" if len(keys) > n else "")
 
 
+# Copied from san.released_name
+def released_name(name, released, to_ours):
+    """Our key `name`, not filled by a released file -> its name there: a file key mapping into the same module of
+    ours (released: official key -> ours), as is or its last piece swapped, checked by to_ours; "?" if none."""
+    module, _, leaf = name.rpartition(".")
+    twins = [k for k, o in released.items() if (o or "").rpartition(".")[0] == module]
+    return next((c for k in twins for c in (k, f"{k.rpartition('.')[0]}.{leaf}") if to_ours(c) == name), "?")
+
+
 def official_name_to_ours(key):
     """One official key -> our key, or None if no rule of OFFICIAL_KEYS matches it."""
     for pattern, target in OFFICIAL_KEYS:
@@ -753,18 +754,18 @@ def convert_official_state_dict(official, cfg):
     keys, and nothing is returned."""
     official = official_weights(official)
     ours = build_model(cfg, pretrained=False).state_dict()
-    out, unknown, mismatched = {}, [], []
+    out, unknown, mismatched, released = {}, [], [], {}
     for key, value in official.items():
         if OFFICIAL_UNUSED.fullmatch(key):
             continue
-        name = official_name_to_ours(key)
+        name = released[key] = official_name_to_ours(key)
         if name not in ours:
             unknown.append(key if name is None else f"{key} (-> {name})")
         elif ours[name].shape != value.shape:
             mismatched.append(f"{key} {tuple(value.shape)} -> {name} {tuple(ours[name].shape)}")
         else:
             out[name] = value.to(ours[name].dtype)
-    missing = sorted(set(ours) - set(out))
+    missing = [f"{released_name(m, released, official_name_to_ours)} (-> {m})" for m in sorted(set(ours) - set(out))]
     if unknown or missing or mismatched:
         hint = (f" (the released models need backbone='resnet101c', this config has {cfg.backbone!r})"
                 if cfg.backbone != "resnet101c" else "")

@@ -155,13 +155,16 @@ def test_san_unknown_missing_and_misshaped_keys_are_listed(tiny):
     broken = dict(official)
     broken["side_adapter_network.vit_model.cls_token"] = torch.zeros(1, 1, cfg.side_width)
     del broken["side_adapter_network.mask_decoder.bias_scaling.bias"]
+    del broken["side_adapter_network.mask_decoder.attn_mlp.layers.2.weight"]
     broken["ov_classifier.bg_embed"] = torch.zeros(1, 7)
     with pytest.raises(ValueError) as e:
         san.convert_official_state_dict(broken, cfg)
     msg = str(e.value)
-    assert "1 unknown, 2 missing, 1 mis-shaped" in msg
-    assert "side_adapter_network.vit_model.cls_token" in msg and "net.side.decoder.bias_scaling.bias" in msg
-    assert "net.bg_embed" in msg
+    assert "1 unknown, 3 missing, 1 mis-shaped" in msg and "side_adapter_network.vit_model.cls_token" in msg
+    # a missing key is named as in the released file, which the user holds, and as ours
+    assert "side_adapter_network.mask_decoder.bias_scaling.bias (-> net.side.decoder.bias_scaling.bias)" in msg
+    assert "side_adapter_network.mask_decoder.attn_mlp.layers.2.weight (-> net.side.decoder.attn_mlp.4.weight)" in msg
+    assert "ov_classifier.bg_embed (-> net.bg_embed)" in msg
 
 
 def test_san_paper_key_list_and_parameter_counts(monkeypatch):
@@ -462,7 +465,7 @@ def test_ann_bad_keys_are_listed(official_ann):
     with pytest.raises(ValueError) as e:
         ann.convert_official_state_dict(state, ann.PRESETS["paper_deepstem"])
     msg = str(e.value)
-    assert "2 unknown, 1 missing" in msg and "head.weight" in msg and "net.classifier.bias" in msg
+    assert "2 unknown, 1 missing" in msg and "head.weight" in msg and "cls.bias (-> net.classifier.bias)" in msg
     assert "f_query.0.weight (differs from its f_key twin)" in msg
 
 
@@ -634,7 +637,8 @@ def test_patn_bad_keys_are_listed():
         pose_transfer.convert_official_state_dict(state, cfg)
     msg = str(e.value)
     assert "1 unknown, 2 missing, 1 mis-shaped" in msg and "model.att.3.conv_block_stream1.1.weight" in msg
-    assert "generator.decoder.7.bias" in msg and "generator.image_encoder.1.weight" in msg
+    assert "model.stream1_up.7.bias (-> generator.decoder.7.bias)" in msg  # missing: the released name, and ours
+    assert "model.stream1_down.1.weight (-> generator.image_encoder.1.weight)" in msg
     no_dropout = as_pytorch03(official_patn("batch", dropout=False), "batch")  # second convs at index 5, not 6
     with pytest.raises(ValueError, match="--no_dropout"):
         pose_transfer.convert_official_state_dict(no_dropout, cfg)
@@ -836,12 +840,15 @@ def test_zsseg_bad_keys_are_listed(tiny_zsseg):
     broken = dict(official)
     broken["_region_clip_adapter.non_object_embedding"] = torch.zeros(1, 64)  # SEPERATE_ADAPTER: not ours
     del broken["sem_seg_head.predictor.transformer.decoder.norm.bias"]
+    del broken["backbone.res4.0.conv2.norm.running_var"]  # a rule with an index shift (res4 = layer3)
     broken["clip_adapter.non_object_embedding"] = torch.zeros(1, 7)
     with pytest.raises(ValueError) as e:
         zsseg.convert_official_state_dict(broken, cfg)
     msg = str(e.value)
-    assert "1 unknown, 2 missing, 1 mis-shaped" in msg and "_region_clip_adapter.non_object_embedding" in msg
-    assert "net.decoder_norm.bias" in msg and "net.non_object" in msg
+    assert "1 unknown, 3 missing, 1 mis-shaped" in msg and "_region_clip_adapter.non_object_embedding" in msg
+    assert "sem_seg_head.predictor.transformer.decoder.norm.bias (-> net.decoder_norm.bias)" in msg
+    assert "backbone.res4.0.conv2.norm.running_var (-> net.backbone.layer3.0.bn2.running_var)" in msg
+    assert "clip_adapter.non_object_embedding (-> net.non_object)" in msg
     with pytest.raises(ValueError, match="need backbone='resnet101c'"):  # our torchvision ResNet has a 7x7 stem
         zsseg.convert_official_state_dict(official, dataclasses.replace(cfg, backbone="resnet101"))
     assert zsseg.official_preset({"backbone.stem.conv1.weight": torch.empty(64, 3, 7, 7)}) is None  # R50 basic stem
