@@ -390,8 +390,8 @@ class ANN(nn.Module):
         # input for the deep-stem weights: BGR on 0-255 minus [102.98, 115.95, 122.77], std 1.
         if cfg.input_norm not in ("imagenet", "caffe"):
             raise ValueError(f"input_norm must be imagenet or caffe, got {cfg.input_norm!r}")
-        self.bgr = caffe = cfg.input_norm == "caffe"
-        mean, std = (tuple(m / 255 for m in CAFFE_BGR_MEAN), (1 / 255,) * 3) if caffe else (IMAGENET_MEAN, IMAGENET_STD)
+        self.caffe = cfg.input_norm == "caffe"
+        mean, std = (CAFFE_BGR_MEAN, (1.0,) * 3) if self.caffe else (IMAGENET_MEAN, IMAGENET_STD)
         self.register_buffer("mean", torch.tensor(mean).view(1, 3, 1, 1), persistent=False)
         self.register_buffer("std", torch.tensor(std).view(1, 3, 1, 1), persistent=False)
         weights = torch.tensor([float(w) for w in cfg.class_weights]) if cfg.class_weights else None
@@ -401,7 +401,8 @@ class ANN(nn.Module):
 
     def logits(self, image):
         """(B, 3, H, W) RGB in [0, 1] -> main, aux logits (B, K, H, W)."""
-        image = image.flip(1) if self.bgr else image  # RGB -> BGR for the official weights
+        if self.caffe:  # the official input, computed as officially: BGR x 255 - mean (float32 rounding included)
+            return self.net(image.flip(1) * 255 - self.mean)
         return self.net((image - self.mean) / self.std)
 
     def forward(self, batch, step):

@@ -229,3 +229,18 @@ def test_presets_and_config_fields():
         assert re.search(rf"^    {f.name}: (int|float|str|bool|tuple) = .*  # \S", source, re.M), f.name
         for preset in ann.PRESETS.values():
             assert type(getattr(preset, f.name)) is type(getattr(paper, f.name)), f.name
+
+
+def test_caffe_input_is_computed_the_official_way():
+    """input_norm="caffe": the network sees BGR x 255 - mean, computed in that order as the official code does (not
+    (x - mean/255) / (1/255), which rounds differently in float32), bit for bit; "imagenet" is (RGB - mean) / std."""
+    for norm in ("caffe", "imagenet"):
+        model = ann.build_model(replace(ann.PRESETS["toy"], input_norm=norm), pretrained=False)
+        model.net = torch.nn.Identity()  # logits() returns what the network would see
+        rgb = torch.rand(2, 3, 17, 23, generator=torch.Generator().manual_seed(0))
+        if norm == "caffe":
+            expected = rgb[:, [2, 1, 0]] * 255 - torch.tensor(ann.CAFFE_BGR_MEAN).view(1, 3, 1, 1)
+        else:
+            expected = (rgb - torch.tensor(ann.IMAGENET_MEAN).view(1, 3, 1, 1)) / torch.tensor(
+                ann.IMAGENET_STD).view(1, 3, 1, 1)
+        assert torch.equal(model.logits(rgb), expected), norm
