@@ -123,6 +123,11 @@ def conv3x3(cin, cout, bias):
     return [nn.ReflectionPad2d(1), nn.Conv2d(cin, cout, 3, bias=bias)]
 
 
+def dropout_layer(p):
+    """[a new nn.Dropout(p)] (each branch owns its module, as officially: 2 per PATB, 18 in the generator) or []."""
+    return [nn.Dropout(p)] if p > 0 else []
+
+
 def encoder(cin, ngf, norm, bias):
     """7x7 conv then two stride-2 3x3 convs: (B, cin, H, W) -> (B, 4 ngf, H/4, W/4)."""
     layers = [nn.ReflectionPad2d(3), nn.Conv2d(cin, ngf, 7, bias=bias), norm_layer(norm, ngf), nn.ReLU(True)]
@@ -138,17 +143,17 @@ class PATB(nn.Module):
         M_t     = sigmoid(conv_S(f_S))                       Eq. 1: the attention mask, one value per channel and pixel
         f_P'    = f_P + M_t * conv_P(f_P)                    Eq. 2: the image code changes only where M_t attends
         f_S'    = concat(conv_S(f_S), f_P')                  Eq. 3: the pose code sees the updated image code
-    conv_S: 3x3 conv, norm, ReLU, dropout, 3x3 conv to C (no norm); conv_P: the two convs of a ResNet block.
+    conv_S: 3x3 conv, norm, ReLU, dropout, 3x3 conv to C (no norm); conv_P: the two convs of a ResNet block. As
+    officially, each branch has its own Dropout and conv_P (the official stream 1) runs before conv_S (stream 2).
     """
 
     def __init__(self, C, first, norm, bias, dropout):
         super().__init__()
         cs = C if first else 2 * C  # block 1 sees the encoder's pose code, later blocks the concatenated one
-        drop = [nn.Dropout(dropout)] if dropout > 0 else []
-        self.conv_P = nn.Sequential(*conv3x3(C, C, bias), norm_layer(norm, C), nn.ReLU(True), *drop,
+        self.conv_P = nn.Sequential(*conv3x3(C, C, bias), norm_layer(norm, C), nn.ReLU(True), *dropout_layer(dropout),
                                     *conv3x3(C, C, bias), norm_layer(norm, C))
-        self.conv_S = nn.Sequential(*conv3x3(cs, cs, bias), norm_layer(norm, cs), nn.ReLU(True), *drop,
-                                    *conv3x3(cs, C, bias))
+        self.conv_S = nn.Sequential(*conv3x3(cs, cs, bias), norm_layer(norm, cs), nn.ReLU(True),
+                                    *dropout_layer(dropout), *conv3x3(cs, C, bias))
 
     def update(self, f_P, s, residual):
         """The masked residual step and the pose update, given the pose branch's output s (B, C, h, w)."""
@@ -157,8 +162,8 @@ class PATB(nn.Module):
         return f_P, torch.cat([s, f_P], 1), mask  # PAPER: Eq. 3, pose code updated by concatenation (B, 2C, h, w)
 
     def forward(self, f_P, f_S):
-        s = self.conv_S(f_S)  # (B, C, h, w)
-        f_P, f_S, self.last_mask = self.update(f_P, s, self.conv_P(f_P))
+        residual = self.conv_P(f_P)  # (B, C, h, w); the image branch runs first, as officially (dropout draw order)
+        f_P, f_S, self.last_mask = self.update(f_P, self.conv_S(f_S), residual)
         return f_P, f_S
 
 
@@ -184,8 +189,8 @@ class APATB(PATB):
         attn = torch.softmax(q.transpose(1, 2) @ k / math.sqrt(q.shape[1]), -1)  # PAPER: alignment (B, hw, hw)
         aligned = (self.v(f_P).flatten(2) @ attn.transpose(1, 2)).view(B, C, h, w)  # (B, C, h, w)
         f_A = f_P + self.gamma * aligned
-        s = self.conv_S(f_S)
-        f_P, f_S, self.last_mask = self.update(f_A, s, self.conv_P(f_A))
+        residual = self.conv_P(f_A)  # the image branch first, as in PATB
+        f_P, f_S, self.last_mask = self.update(f_A, self.conv_S(f_S), residual)
         return f_P, f_S
 
 
@@ -194,8 +199,7 @@ class ResnetBlock(nn.Module):
 
     def __init__(self, C, norm, bias, dropout):
         super().__init__()
-        drop = [nn.Dropout(dropout)] if dropout > 0 else []
-        self.conv = nn.Sequential(*conv3x3(C, C, bias), norm_layer(norm, C), nn.ReLU(True), *drop,
+        self.conv = nn.Sequential(*conv3x3(C, C, bias), norm_layer(norm, C), nn.ReLU(True), *dropout_layer(dropout),
                                   *conv3x3(C, C, bias), norm_layer(norm, C))
 
     def forward(self, x):

@@ -608,6 +608,27 @@ def test_patn_released_generator_converts_and_matches_the_official_forward(kind)
     assert torch.allclose(got, expected, atol=1e-5)
 
 
+def test_patn_dropout_modules_and_their_order_match_the_official_generator():
+    """Each branch of a block owns its Dropout (18 in the 9-block generator, as the official's), and in train mode,
+    under the same seed, the converted generator draws its dropout masks as the official does: same output."""
+    import pose_transfer
+    with torch.device("meta"):
+        official = OfficialPATNetwork(64, "batch", True, 9)
+        ours = pose_transfer.PATNGenerator(pose_transfer.PRESETS["market"])
+    count = lambda net: sum(isinstance(m, nn.Dropout) for m in net.modules())  # noqa: E731 (modules() dedups)
+    assert count(official) == count(ours) == 18
+    official, cfg = official_patn("batch"), tiny_patn_cfg("batch")
+    ours = pose_transfer.build_model(cfg, pretrained=False)
+    ours.load_state_dict(pose_transfer.convert_official_state_dict(as_pytorch03(official, "batch"), cfg))
+    official.train(), ours.train()
+    image, poses = torch.rand(2, 3, 32, 16) * 2 - 1, torch.rand(2, 36, 32, 16)
+    torch.manual_seed(7)
+    expected = official(image, poses)
+    torch.manual_seed(7)
+    got = ours.generator(image, poses[:, :18], poses[:, 18:])
+    assert torch.allclose(got, expected, atol=1e-5)
+
+
 def test_patn_paper_key_list_maps_one_to_one():
     """The full-size official generators (ngf 64, 9 blocks, dropout) map key for key, shape for shape, onto the whole
     generator of our market and deepfashion presets."""
