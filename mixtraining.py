@@ -126,7 +126,8 @@ class Config:
     weight_decay: float = 1e-4  # weight decay
     schedule: str = "step"  # step: x0.1 at each of lr_steps
     lr_steps: tuple = (469_120, 645_040)  # epochs 64 and 88
-    warmup_iters: int = 500  # linear warm-up (from ~0)
+    warmup_iters: int = 500  # linear warm-up iterations
+    warmup_ratio: float = 0.0  # warm-up's first lr factor (mmcv's; paper preset 0.001); 0 = train.py's 1/warmup_iters
     grad_clip: float = 0.0  # gradient-norm clipping (0 = none, as the paper)
     amp: bool = True  # mixed precision on CUDA
     eval_interval: int = 29_320  # iterations between evaluations (4 "epochs")
@@ -148,7 +149,7 @@ PRESETS = {
     # COCO train2017 -> val2017, Faster R-CNN R50-FPN, the 8x schedule of the headline config: 32 GPUs x 4 images with
     # a 1:1 normal:strong sampler = 64 normal + 64 strong images per iteration; here every item gives both views, so
     # a batch of 64 items. SGD 0.01, warm-up 500, 703,680 iterations, x0.1 at 469,120 and 645,040.
-    "paper": Config(),
+    "paper": Config(warmup_ratio=0.001),  # mmcv's warm-up: lr x (0.001 + 0.999 i / 500)
     # The CPU toy: the synthetic detection world with noisy training boxes, a small FPN detector from scratch.
     "toy": replace(Config(), train_dataset="toy_detection", eval_datasets=("toy_detection",), num_classes=5,
                    image_size=128, backbone="toy", weights="none", anchor_sizes=(16, 32, 64, 128), roi_head_dim=256,

@@ -38,7 +38,8 @@ Differences from the official code:
   2. Batches: each item is 1 labelled + num_unsup unlabelled images (exactly 1:4), one GPU's worth in the official
      set-up; official draws each GPU's labelled/unlabelled count at random (by_prob: about 27% labelled). Losses are
      normalised per item and averaged over items, which is what 8 GPUs with 5 images each compute.
-  3. Warm-up is torchvision-style linear from 1/500 (mmdet: from 0.001); the schedule is train.py's "step".
+  3. The schedule is train.py's "step", after mmcv's linear warm-up from 0.001 over 500 iterations (the paper presets'
+     warmup_ratio; the toy presets keep train.py's ramp from 1/warmup_iters).
   4. The paper's sampling-ratio decay over the last iterations is not in the official code, nor here.
 Labels: the data gives 0..K-1; torchvision's detector uses 0 = background and 1..K, so targets are labels + 1 and
 predictions labels - 1. Shapes: N boxes, R sampled RoIs, K classes, T jitter copies; boxes are xyxy in view pixels.
@@ -112,6 +113,7 @@ class Config:
     schedule: str = "step"  # x0.1 at each of lr_steps
     lr_steps: tuple = (120_000, 160_000)  # step milestones
     warmup_iters: int = 500  # linear warm-up iterations
+    warmup_ratio: float = 0.0  # warm-up's first lr factor (mmcv's; paper presets 0.001); 0 = train.py's 1/warmup_iters
     amp: bool = True  # mixed precision on CUDA (official: fp16)
     eval_interval: int = 4000  # iterations between evaluations (official: 4000)
     log_interval: int = 50  # iterations between log lines
@@ -122,10 +124,10 @@ class Config:
 
 PRESETS = {
     # Partial COCO: --percent 1/5/10 --fold 1..5; 8 GPUs x (1 labelled + 4 unlabelled), alpha 4, 180k iterations.
-    "paper": Config(),
+    "paper": Config(warmup_ratio=0.001),  # mmcv's warm-up: lr x (0.001 + 0.999 i / 500)
     # Full COCO: train2017 labelled + unlabeled2017; 8 GPUs x (4 + 4) in the official 1:1 mix, alpha 2, 720k iterations.
     "paper_full": Config(train_dataset="coco_detection_semi_full", num_unsup=1, batch_size=32, unsup_weight=2.0,
-                         max_iters=720_000, lr_steps=(480_000, 640_000)),
+                         max_iters=720_000, lr_steps=(480_000, 640_000), warmup_ratio=0.001),
 }
 # The toy: 5 shape classes on cluttered 160 px images (data.ToyDetection), 32 labelled images, the rest unlabelled;
 # a small random-init backbone (the toy's explicit choice: no ImageNet weights on a laptop); anchors 4 x stride; a

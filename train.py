@@ -48,7 +48,7 @@ TRAINER_DEFAULTS = dict(
     train_dataset=None, eval_datasets=(), data_root="datasets", batch_size=8, max_iters=1000, optimizer="adamw",
     lr=1e-3, momentum=0.9, weight_decay=0.0, schedule="poly", poly_power=0.9, lr_steps=(), lr_decay_from=0,
     warmup_iters=0, grad_clip=0.0, amp=True, sync_bn=False, eval_interval=None, log_interval=50, ckpt_interval=1000,
-    num_workers=2, seed=0)
+    num_workers=2, seed=0, warmup_ratio=0.0)
 
 
 class RunError(Exception):
@@ -267,9 +267,13 @@ def build_optimizers(wrapper, cfg, opts):
 
 
 def lr_factor(cfg, step):
-    """Multiplier of each parameter group's base lr at `step`: linear warm-up, then poly / cosine / step / linear."""
+    """Multiplier of each parameter group's base lr at `step`: linear warm-up, then poly / cosine / step / linear.
+
+    The warm-up is mmcv's with cfg.warmup_ratio = r > 0: r + (1 - r) * step / warmup_iters, from r at step 0; with
+    r = 0 (the default) it is (step + 1) / warmup_iters, from 1 / warmup_iters."""
     if step < cfg.warmup_iters:
-        return (step + 1) / cfg.warmup_iters
+        r = cfg.warmup_ratio
+        return r + (1 - r) * step / cfg.warmup_iters if r > 0 else (step + 1) / cfg.warmup_iters
     progress = step / cfg.max_iters
     if cfg.schedule == "poly":
         return (1 - progress) ** cfg.poly_power

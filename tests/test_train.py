@@ -57,13 +57,33 @@ def test_flags_override_the_preset():
 
 
 def test_lr_schedules():
-    cfg = SimpleNamespace(warmup_iters=10, max_iters=100, schedule="poly", poly_power=0.9, lr_steps=(50, 80))
+    cfg = SimpleNamespace(warmup_iters=10, warmup_ratio=0.0, max_iters=100, schedule="poly", poly_power=0.9,
+                          lr_steps=(50, 80))
     assert train.lr_factor(cfg, 0) == pytest.approx(0.1) and train.lr_factor(cfg, 9) == pytest.approx(1.0)
     assert train.lr_factor(cfg, 50) == pytest.approx(0.5**0.9)
     cfg.schedule = "cosine"
     assert train.lr_factor(cfg, 50) == pytest.approx(0.5)
     cfg.schedule = "step"
     assert [train.lr_factor(cfg, s) for s in (49, 50, 80)] == pytest.approx([1, 0.1, 0.01])
+
+
+def test_warmup_ratio_is_mmcv_linear_warmup_in_the_detection_paper_presets():
+    """mmcv's linear warm-up: factor r + (1 - r) i / warmup_iters from r at step 0, the detection papers' r = 0.001;
+    without a ratio (0, the trainer's default: the toys, the other models) the ramp is (i + 1) / warmup_iters."""
+    import mixtraining
+    import soft_teacher
+    cfg = SimpleNamespace(warmup_iters=500, warmup_ratio=0.001, max_iters=1000, schedule="step", lr_steps=())
+    firsts = [train.lr_factor(cfg, i) for i in (0, 1, 2, 250, 499, 500)]
+    assert firsts == pytest.approx([0.001, 0.001 + 0.999 / 500, 0.001 + 2 * 0.999 / 500, 0.5005, 0.998002, 1.0])
+    for preset in (soft_teacher.PRESETS["paper"], soft_teacher.PRESETS["paper_full"], mixtraining.PRESETS["paper"]):
+        opts = train.trainer_settings(preset)
+        assert train.lr_factor(opts, 0) == pytest.approx(0.001) and opts.warmup_iters == 500
+    for preset in (soft_teacher.PRESETS["toy"], mixtraining.PRESETS["toy"]):  # unchanged: from 1 / warmup_iters
+        opts = train.trainer_settings(preset)
+        ramp = [train.lr_factor(opts, i) for i in (0, 1)]
+        assert ramp == pytest.approx([1 / opts.warmup_iters, 2 / opts.warmup_iters])
+    assert train.trainer_settings(soft_teacher.Config(train_dataset="x")).warmup_ratio == 0.0
+    assert train.TRAINER_DEFAULTS["warmup_ratio"] == 0.0  # models without the field: the same ramp as before
 
 
 def take(sampler, n):
@@ -96,7 +116,7 @@ def test_same_seed_same_losses_and_ddp_matches_one_process(tmp_path):
 
 
 def test_linear_schedule_and_trainer_defaults():
-    cfg = SimpleNamespace(warmup_iters=0, max_iters=10, schedule="linear", lr_decay_from=6)
+    cfg = SimpleNamespace(warmup_iters=0, warmup_ratio=0.0, max_iters=10, schedule="linear", lr_decay_from=6)
     assert [train.lr_factor(cfg, s) for s in (0, 5, 6, 8, 9)] == pytest.approx([1, 1, 1, 0.5, 0.25])
     sys.path.insert(0, str(REPO / "tests" / "fixtures"))
     try:
