@@ -33,10 +33,11 @@ _SAN_HUB = "https://huggingface.co/Mendel192/san/resolve/main/"  # the official 
 _ANN_DRIVE = "https://drive.google.com/open?id=1lw4g41l8tX3XZsdW3WuDGDSxiI77Fw13"
 _ZSSEG_DRIVE = "https://drive.google.com/file/d/{}/view?usp=sharing"
 _PATN_DRIVE = "https://drive.google.com/open?id=1YMsYXc41dR3k8YroXeWGh9zweNUQmZBw"
-# entry -> (model file, paper preset, direct URL of the released file or None, where a person gets the file)
+# entry -> (model file, paper preset, direct URL of the released file, or else the page a browser gets it from);
+# neither: an architecture-only entry (its weights= takes a checkpoint of this project's train.py)
 _ENTRIES = {
-    "san_vit_b16": ("san", "paper", _SAN_HUB + "san_vit_b_16.pth", "huggingface.co/Mendel192/san"),
-    "san_vit_l14_336": ("san", "paper_l14", _SAN_HUB + "san_vit_large_14.pth", "huggingface.co/Mendel192/san"),
+    "san_vit_b16": ("san", "paper", _SAN_HUB + "san_vit_b_16.pth", None),
+    "san_vit_l14_336": ("san", "paper_l14", _SAN_HUB + "san_vit_large_14.pth", None),
     "ann_cityscapes": ("ann", "paper_deepstem", None, f"the official README's Google Drive link {_ANN_DRIVE}"),
     "zsseg_zero_shot": ("zsseg", "paper_coco_r101c", None, "the official README's Google Drive link "
                         + _ZSSEG_DRIVE.format("1jDmR4fL5Wm0UyMDd5LhsOl6T2RX2X9R5")),
@@ -46,7 +47,7 @@ _ENTRIES = {
                     f"{_PATN_DRIVE}"),
     "patn_deepfashion": ("pose_transfer", "deepfashion", None, f"fashion_PATN/ in the official README's Google "
                          f"Drive folder {_PATN_DRIVE}"),
-    "soft_teacher_r50_fpn": ("soft_teacher", "paper", None, None),  # architecture only: see README, Pretrained models
+    "soft_teacher_r50_fpn": ("soft_teacher", "paper", None, None),  # README, Pretrained models: why not converted
     "mixtraining_r50_fpn": ("mixtraining", "paper", None, None),
 }
 
@@ -66,11 +67,25 @@ def _download(url):
     return cached
 
 
+def _local_path(entry, weights):
+    """weights= -> a local file: "official" is the authors' direct URL; a URL is downloaded into torch.hub's cache."""
+    url, page = _ENTRIES[entry][2:]
+    if weights == "official":
+        if page:
+            raise ValueError(f"{entry}: the authors' file is on {page}, which needs a browser: download it and pass "
+                             "weights=PATH")
+        if not url:
+            raise ValueError(f"{entry}: no released weights convert into this model (README, Pretrained models); "
+                             "weights= takes a checkpoint written by this project's train.py")
+        weights = url
+    return _download(weights) if "://" in str(weights) else os.fspath(weights)
+
+
 def _load(entry, weights, config):
     """The entry's model in eval mode: the paper preset with `config` fields replaced, weights from `weights`."""
     import convert  # convert.py and checkpoint.py import torch only; the model file comes with load_model_module
     from checkpoint import config_from_checkpoint, load_checkpoint, load_model_module
-    name, preset, url, where = _ENTRIES[entry]
+    name, preset, url, page = _ENTRIES[entry]
     module = load_model_module(name)
     unknown = sorted(set(config) - {f.name for f in dataclasses.fields(module.Config)})
     if unknown:
@@ -80,23 +95,12 @@ def _load(entry, weights, config):
         if weights is None:
             warnings.warn(f"{entry}: weights=None, so every weight of the model is random (nothing was read or "
                           f"downloaded); torch.hub.help(..., {entry!r}) says which weights= to pass", stacklevel=3)
-            cfg = convert.released_config(module, preset, **config)
-            state = None
-        else:
-            if weights == "official":
-                if url is None:
-                    raise ValueError(f"{entry}: " + (f"the authors' file is on {where}, which needs a browser: "
-                                     "download it and pass weights=PATH" if where else
-                                     "no released weights convert into this model (README, Pretrained models); "
-                                     "weights= takes a checkpoint written by this project's train.py"))
-                weights = url
-            path = _download(weights) if "://" in str(weights) else os.fspath(weights)
-            if where is None:  # architecture-only entries: a checkpoint of ours, loaded as eval.py loads it
-                ckpt = load_checkpoint(path, name)
-                cfg = dataclasses.replace(config_from_checkpoint(module, ckpt), **config)
-                state = ckpt["model"]
-            else:
-                _, cfg, state = convert.convert_released(name, path, preset, **config)
+            cfg, state = convert.released_config(module, preset, **config), None
+        elif url or page:  # the authors' file, read and converted by convert.py
+            _, cfg, state = convert.convert_released(name, _local_path(entry, weights), preset, **config)
+        else:  # architecture only: a checkpoint of ours, loaded as eval.py loads it
+            ckpt = load_checkpoint(_local_path(entry, weights), name)
+            cfg, state = dataclasses.replace(config_from_checkpoint(module, ckpt), **config), ckpt["model"]
         model = module.build_model(cfg, pretrained=False)
     except (FileNotFoundError, ConnectionError, ValueError) as e:  # convert.py's message, without its inner frames
         raise type(e)(str(e)) from None

@@ -238,7 +238,8 @@ def test_every_entry_builds_its_paper_network(monkeypatch):
     assert (cfg["patn_deepfashion"].norm, cfg["patn_deepfashion"].image_size) == ("instance", (256, 176))
     assert cfg["soft_teacher_r50_fpn"].backbone == cfg["mixtraining_r50_fpn"].backbone == "resnet50"
     import san
-    assert san.count_trainable(models["san_vit_b16"]) == 8_370_866  # the official log's 8.37M
+    assert san.count_trainable(models["san_vit_b16"]) == 8_370_866  # the official logs' 8.37M and 9.32M
+    assert san.count_trainable(models["san_vit_l14_336"]) == 9_321_650
     assert all(not m.training for m in models.values())
 
 
