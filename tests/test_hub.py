@@ -266,3 +266,17 @@ def test_importing_hubconf_imports_no_model_file():
     imported = {a.name for node in tree.body if isinstance(node, ast.Import) for a in node.names}
     imported |= {node.module for node in tree.body if isinstance(node, ast.ImportFrom)}
     assert imported == {"dataclasses", "os", "urllib.error", "urllib.parse", "warnings", "torch"}
+
+
+def test_the_readme_pose_snippet_makes_data_py_s_heatmaps():
+    """The heatmap function of README's "In your own code" pose-transfer snippet (pasted by readers who have no
+    data.py) gives data.keypoint_heatmaps, the maps the PATN models were converted and tested with."""
+    import data
+    text = Path(REPO, "README.md").read_text()
+    start = text.index("def heatmaps(")
+    namespace = {"torch": torch}
+    exec(text[start:text.index("\n\n", start)], namespace)
+    keypoints = np.random.default_rng(0).uniform(0, 64, (18, 2)) * [2, 1]
+    keypoints[3] = -1  # a missing keypoint: an empty channel
+    expected = data.keypoint_heatmaps(keypoints, 128, 64, sigma=6.0)
+    assert torch.allclose(namespace["heatmaps"](keypoints.tolist()), expected, atol=1e-6)
