@@ -159,6 +159,8 @@ def test_an_architecture_entry_loads_a_train_py_checkpoint(tmp_path):
         for weights in (str(path), path.as_uri()):
             model = hub_load(entry, weights=weights)
             assert model.cfg == cfg and not model.training and same_predictions(model, reference, batch)
+            ours = model.state_dict()  # (a random toy detector may detect nothing: the weights, one by one)
+            assert all(torch.equal(ours[k], v) for k, v in trained.state_dict().items())
         with pytest.raises(ValueError, match="no released weights convert into this model"):
             hub_load(entry, weights="official")
     with pytest.raises(ValueError, match="is a checkpoint of model 'mixtraining', not 'soft_teacher'"):
