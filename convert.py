@@ -55,13 +55,23 @@ def load_official(src):
     return official
 
 
-def convert(model_name, src, dst, preset=None, force=False):
-    """Convert `src` (an official checkpoint of `model_name`) into our checkpoint `dst`; returns the preset used."""
+def released_config(module, preset, **overrides):
+    """The paper preset `preset` of `module`, with `overrides` replacing Config fields; an open-vocabulary model gets
+    its training vocabulary stored in it (its default vocabulary, kept with the weights)."""
+    cfg = dataclasses.replace(module.PRESETS[preset], **overrides)
+    if getattr(cfg, "class_names", None) == ():
+        import data
+        cfg = dataclasses.replace(cfg, class_names=tuple(data.class_names(cfg.train_dataset)))
+    return cfg
+
+
+def convert_released(model_name, src, preset=None, **overrides):
+    """Read `src` (an official checkpoint of `model_name`) and convert it -> (preset, config, our state dict), nothing
+    written. The preset is told from the weights unless given; `overrides` replace Config fields (hubconf.py passes a
+    user's inference settings, and the tests the sizes of their small released-format files)."""
     module = load_model_module(model_name)
     if not hasattr(module, "convert_official_state_dict"):
         raise ValueError(f"model {model_name!r} has no converter for official checkpoints")
-    if Path(dst).exists() and not force:
-        raise FileExistsError(f"{dst} exists; pass --force to overwrite it")
     if not Path(src).is_file():
         raise FileNotFoundError(f"no official checkpoint at {src}")
     official = load_official(src)
@@ -72,11 +82,15 @@ def convert(model_name, src, dst, preset=None, force=False):
     if preset not in module.PRESETS:
         raise ValueError(f"cannot tell which {model_name} preset {src} is; pass --preset (one of "
                          f"{', '.join(module.PRESETS)})")
-    cfg = module.PRESETS[preset]
-    if getattr(cfg, "class_names", None) == ():  # open-vocabulary: store the training vocabulary with the weights
-        import data
-        cfg = dataclasses.replace(cfg, class_names=tuple(data.class_names(cfg.train_dataset)))
-    state = module.convert_official_state_dict(official, cfg)
+    cfg = released_config(module, preset, **overrides)
+    return preset, cfg, module.convert_official_state_dict(official, cfg)
+
+
+def convert(model_name, src, dst, preset=None, force=False):
+    """Convert `src` (an official checkpoint of `model_name`) into our checkpoint `dst`; returns the preset used."""
+    if Path(dst).exists() and not force:
+        raise FileExistsError(f"{dst} exists; pass --force to overwrite it")
+    preset, cfg, state = convert_released(model_name, src, preset)
     Path(dst).parent.mkdir(parents=True, exist_ok=True)
     save_checkpoint(dst, model_name=model_name, config=dataclasses.asdict(cfg), model=state, step=0,
                     converted_from=str(src), preset=preset)  # atomic: a kill leaves no half-written checkpoint
