@@ -16,6 +16,7 @@ Contents: 1. files, archives and checks -> 2. label maps per dataset -> 3. COCO 
 -> 5. the command line.
 """
 import argparse
+import io
 import json
 import os
 import pickle
@@ -29,7 +30,7 @@ from pathlib import Path
 import numpy as np
 import torch
 import torch.nn.functional as F
-from PIL import Image
+from PIL import Image, UnidentifiedImageError
 from tqdm import tqdm
 
 import data
@@ -118,36 +119,42 @@ def copy(src, dst):
     return True
 
 
-def unpack(raw, name, dest, place=lambda member: member):
-    """Extract the archive raw/name under dest, once (a marker file records a finished extraction).
+def unpack(raw, name, dest, place=lambda member: member, check=lambda rel: False):
+    """Extract the archive raw/name under dest, once (a marker file records a finished extraction); returns the paths
+    of the images it skipped as corrupt, already reported.
 
-    place(member name) -> path relative to dest, or None to leave the member out. A file already there with the
-    member's size is kept, so an interrupted extraction resumes; every file is written under a temporary name first.
+    place(member name) -> path relative to dest, or None to leave the member out. check(that path) -> whether the
+    member is an image to check (check_image, on the bytes just read): a corrupt one is not written, and the marker is
+    then not written either, so the next run checks it again. A file already there with the member's size is kept (it
+    was checked when written), so an interrupted extraction resumes; every file is written under a temporary name first.
     """
     marker = dest / ".prepared" / f"{name}.unpacked"
     if marker.exists():
-        return
+        return []
     archive = need(raw, name)
     dest.mkdir(parents=True, exist_ok=True)
     try:
         if name.endswith(".zip"):
             with zipfile.ZipFile(archive) as z:
                 members = [(i.filename, i.file_size, i) for i in z.infolist() if not i.is_dir()]
-                _extract(members, lambda i: z.open(i), dest, place, name)
+                bad = _extract(members, lambda i: z.open(i), dest, place, check, archive)
         else:
             with tarfile.open(archive) as t:
                 members = ((m.name, m.size, m) for m in t if m.isfile())
-                _extract(members, t.extractfile, dest, place, name)
+                bad = _extract(members, t.extractfile, dest, place, check, archive)
     except (zipfile.BadZipFile, tarfile.TarError, EOFError, zlib.error) as e:
         raise PrepareError(f"{archive} is incomplete or corrupt ({e}): download it again from "
                            f"{SOURCES.get(name, 'its official site')}") from None
     except RuntimeError as e:  # zipfile: an encrypted member without password
         raise PrepareError(f"{archive}: {e}; extract it yourself into {raw} first") from None
-    save_text("done\n", marker)
+    if not bad:
+        save_text("done\n", marker)
+    return bad
 
 
-def _extract(members, open_member, dest, place, name):
-    for member, size, handle in tqdm(members, desc=f"unpack {name}", unit=" files", mininterval=1):
+def _extract(members, open_member, dest, place, check, archive):
+    bad = []
+    for member, size, handle in tqdm(members, desc=f"unpack {archive.name}", unit=" files", mininterval=1):
         rel = place(member)
         if rel is None or rel.startswith("/") or ".." in Path(rel).parts:
             continue
@@ -155,9 +162,22 @@ def _extract(members, open_member, dest, place, name):
         if target.exists() and target.stat().st_size == size:
             continue
         target.parent.mkdir(parents=True, exist_ok=True)
-        with open_member(handle) as src, open(part(target), "wb") as dst:
-            shutil.copyfileobj(src, dst)
+        with open_member(handle) as src:
+            if check(rel):
+                payload = src.read()  # an image: a few MB at most
+                try:
+                    check_image(payload, f"{member} in {archive}")
+                except Corrupt as e:
+                    bad.append(target)
+                    tqdm.write(f"corrupt, skipped: {e}")
+                    target.unlink(missing_ok=True)  # an earlier version of the file is not kept either
+                    continue
+                part(target).write_bytes(payload)
+            else:
+                with open(part(target), "wb") as dst:
+                    shutil.copyfileobj(src, dst)
         os.replace(part(target), target)
+    return bad
 
 
 def read_label(path):
@@ -178,6 +198,25 @@ def read_image(path):
         raise Corrupt(f"{path}: {e}") from None
 
 
+def check_image(payload, name):
+    """Corrupt unless `payload`, the bytes of the image file `name` (already read), is a whole image; every image
+    that prepare.py copies is checked here. As thorough as a full decode (read_image) and cheap enough that unpacking
+    stays I/O-bound: a PNG's chunk CRCs are checked without inflating it (Image.verify); a JPEG (no checksum) is
+    decoded at 1/8 scale (libjpeg's DCT scaling still parses every byte, so a truncated file fails). About 0.8 ms
+    for a 640 x 480 JPEG of 80 kB (a full decode: 2.3 ms) and 0.9 ms for a 2 MB 2048 x 1024 PNG (full: 105 ms)."""
+    try:
+        with Image.open(io.BytesIO(payload)) as im:
+            if im.format == "PNG":
+                im.verify()
+            else:
+                im.draft("RGB", (max(im.width // 8, 1), max(im.height // 8, 1)))  # JPEG only; others decode whole
+                im.load()
+    except UnidentifiedImageError:
+        raise Corrupt(f"{name}: not an image file (it begins {payload[:24]!r})") from None
+    except (OSError, ValueError, SyntaxError) as e:
+        raise Corrupt(f"{name}: {e}") from None
+
+
 def check_values(values, allowed, path, what):
     """Stop the run if `values` (a label map) holds a value outside `allowed` (a set or a boolean lookup table)."""
     found = np.unique(values)
@@ -189,6 +228,11 @@ def check_values(values, allowed, path, what):
         raise PrepareError(f"{path}: label values {bad.tolist()[:20]} outside {what}; is this the right download?")
 
 
+def skipped_stems(bad, folder):
+    """The stems (paths under `folder`, without suffix) of the skipped images `bad` that lie under `folder`."""
+    return {p.relative_to(folder).with_suffix("").as_posix() for p in bad if folder in p.parents}
+
+
 def lut(mapping, size=256, fill=data.IGNORE, dtype=np.uint8):
     """Lookup table raw value -> label from {raw: label}; every other raw value -> fill."""
     table = np.full(size, fill, dtype)
@@ -196,15 +240,21 @@ def lut(mapping, size=256, fill=data.IGNORE, dtype=np.uint8):
     return table
 
 
-def convert_labels(jobs, read, outputs, desc, fmt="PNG"):
+def convert_labels(jobs, read, outputs, desc, fmt="PNG", drop=()):
     """Write each label map of `jobs` once per output, skipping files already written.
 
     jobs: [(source path, output file name)]; read(source) -> raw array (raises Corrupt, PrepareError);
     outputs: [(folder, table, skip_empty)]: the label is table[raw]; skip_empty leaves out maps with no labelled
-    pixel (the zsseg `_base` / `_novel` convention). Returns the list of corrupt sources, already reported.
+    pixel (the zsseg `_base` / `_novel` convention); drop: the output names whose image was skipped as corrupt, whose
+    maps are not written (nor kept): data.py would pair them with a missing image. Returns the list of corrupt
+    sources, already reported.
     """
     bad = []
     for src, name in tqdm(jobs, desc=desc, unit=" files", mininterval=1):
+        if name in drop:
+            for folder, _, _ in outputs:
+                (folder / name).unlink(missing_ok=True)
+            continue
         todo = [(folder / name, table, skip) for folder, table, skip in outputs if not (folder / name).exists()]
         if not todo:
             continue
@@ -223,12 +273,16 @@ def convert_labels(jobs, read, outputs, desc, fmt="PNG"):
 
 
 def label_count(folder, out, ignore=data.IGNORE):
-    """zsseg's <gt_dir>_label_count.json: {"<name>.png": [the classes present, sorted]} for prompt learning."""
-    if out.exists():
+    """zsseg's <gt_dir>_label_count.json: {"<name>.png": [the classes present, sorted]} for prompt learning. Written
+    again, reading only the new maps, when the folder's maps are no longer those it lists (a skipped image's map
+    written after a re-download)."""
+    names = sorted(p.name for p in folder.glob("*.png"))
+    counts = json.loads(out.read_text()) if out.exists() else {}
+    if list(counts) == names:
         return
-    counts = {}
-    for path in tqdm(sorted(folder.glob("*.png")), desc=f"count {out.name}", unit=" files", mininterval=1):
-        counts[path.name] = [int(v) for v in np.unique(read_label(path)) if v != ignore]
+    counts = {name: counts[name] if name in counts else
+              [int(v) for v in np.unique(read_label(folder / name)) if v != ignore]
+              for name in tqdm(names, desc=f"count {out.name}", unit=" files", mininterval=1)}
     save_json(counts, out)
 
 
@@ -268,14 +322,15 @@ ADE847_IDS_FILE = data.CLASS_NAME_DIR / "ade20k_847_ade_ids.txt"
 
 def prepare_coco_stuff_171(raw, root):
     coco = root / "coco"
+    skipped = []
     for name in ("train2017.zip", "val2017.zip"):
-        unpack(raw, name, coco)
+        skipped += unpack(raw, name, coco, check=lambda rel: rel.endswith(".jpg"))
     unpack(raw, "stuffthingmaps_trainval2017.zip", coco / "stuffthingmaps")
     allowed = set(range(182)) | {255}
     full = lut({k: i for i, k in enumerate(COCO_IDS)})
     base = lut({k: i for i, k in enumerate(COCO_BASE_IDS)})
     novel = lut({k: i for i, k in enumerate(COCO_NOVEL_IDS)})
-    out, bad = coco / "stuffthingmaps_detectron2", []
+    out, bad = coco / "stuffthingmaps_detectron2", list(skipped)
     for split in ("train2017", "val2017"):
         sources = sorted((coco / "stuffthingmaps" / split).glob("*.png"))
         if not sources:
@@ -290,7 +345,8 @@ def prepare_coco_stuff_171(raw, root):
         # leave out the images without a labelled pixel, as zsseg.baseline does.
         bad += convert_labels([(p, p.name) for p in sources], read,
                               [(out / split, full, False), (out / f"{split}_base", base, True),
-                               (out / f"{split}_novel", novel, True)], f"labels {split}")
+                               (out / f"{split}_novel", novel, True)], f"labels {split}",
+                              drop={s + ".png" for s in skipped_stems(skipped, coco / split)})
     label_count(out / "train2017_base", out / "train2017_base_label_count.json")
     label_count(out / "val2017", out / "val2017_label_count.json")
     report_corrupt(bad)
@@ -300,9 +356,10 @@ def prepare_coco_stuff_171(raw, root):
 
 
 def prepare_voc_20(raw, root):
-    unpack(raw, "VOCtrainval_11-May-2012.tar", root,
-           lambda m: m[len("VOCdevkit/"):] if m.startswith(("VOCdevkit/VOC2012/JPEGImages/",
-                                                             "VOCdevkit/VOC2012/ImageSets/Segmentation/")) else None)
+    skipped = unpack(raw, "VOCtrainval_11-May-2012.tar", root,
+                     lambda m: m[len("VOCdevkit/"):] if m.startswith(("VOCdevkit/VOC2012/JPEGImages/",
+                                                                       "VOCdevkit/VOC2012/ImageSets/Segmentation/"))
+                     else None, check=lambda rel: rel.startswith("VOC2012/JPEGImages/"))
     voc = root / "VOC2012"
     unpack(raw, "SegmentationClassAug.zip", voc,
            lambda m: m if m.startswith("SegmentationClassAug/") and m.endswith(".png") else None)
@@ -316,7 +373,7 @@ def prepare_voc_20(raw, root):
     full = lut({k: k - 1 for k in range(1, 21)})
     base = lut({k: i for i, k in enumerate(VOC_BASE_IDS)})
     novel = lut({k: i for i, k in enumerate(VOC_NOVEL_IDS)})
-    out, bad = voc / "annotations_detectron2", []
+    out, bad = voc / "annotations_detectron2", list(skipped)
 
     def read(path):
         if not path.exists():
@@ -329,7 +386,8 @@ def prepare_voc_20(raw, root):
         # SAN / zsseg skip the maps with no labelled pixel, in every split (data.py lists VOC by its label files).
         bad += convert_labels([(voc / "SegmentationClassAug" / f"{n}.png", f"{n}.png") for n in names], read,
                               [(out / split, full, True), (out / f"{split}_base", base, True),
-                               (out / f"{split}_novel", novel, True)], f"labels {split}")
+                               (out / f"{split}_novel", novel, True)], f"labels {split}",
+                              drop={s + ".png" for s in skipped_stems(skipped, voc / "JPEGImages")})
     label_count(out / "train_base", out / "train_base_label_count.json")
     label_count(out / "val", out / "val_label_count.json")
     report_corrupt(bad)
@@ -338,10 +396,11 @@ def prepare_voc_20(raw, root):
 
 
 def prepare_ade20k_150(raw, root):
-    unpack(raw, "ADEChallengeData2016.zip", root)
+    skipped = unpack(raw, "ADEChallengeData2016.zip", root,
+                     check=lambda rel: rel.startswith("ADEChallengeData2016/images/") and rel.endswith(".jpg"))
     ade = root / "ADEChallengeData2016"
     reduce_zero = lut({k: k - 1 for k in range(1, 151)})  # 0 (other) -> 255 (detectron2 prepare_ade20k_sem_seg.py)
-    bad = []
+    bad = list(skipped)
 
     def read(path):
         label = read_label(path)
@@ -353,7 +412,8 @@ def prepare_ade20k_150(raw, root):
             raise PrepareError(f"no label maps in {ade / 'annotations' / split}: is {raw / 'ADEChallengeData2016.zip'}"
                                f" complete?")
         bad += convert_labels([(p, p.name) for p in sources], read,
-                              [(ade / "annotations_detectron2" / split, reduce_zero, False)], f"labels {split}")
+                              [(ade / "annotations_detectron2" / split, reduce_zero, False)], f"labels {split}",
+                              drop={s + ".png" for s in skipped_stems(skipped, ade / "images" / split)})
     report_corrupt(bad)
     return [ade / "images", ade / "annotations_detectron2"]
 
@@ -467,8 +527,11 @@ def _copy_checked(src, dst):
         return
     if not src.exists():
         raise Corrupt(f"{src}: missing from the archive")
-    read_image(src).load()
-    copy(src, dst)
+    payload = src.read_bytes()
+    check_image(payload, src)
+    dst.parent.mkdir(parents=True, exist_ok=True)
+    part(dst).write_bytes(payload)
+    os.replace(part(dst), dst)
 
 
 def prepare_pcontext_459(raw, root):
@@ -505,11 +568,11 @@ def prepare_pcontext_459(raw, root):
 
 def prepare_cityscapes(raw, root):
     city = root / "cityscapes"
-    unpack(raw, "leftImg8bit_trainvaltest.zip", city)
+    skipped = unpack(raw, "leftImg8bit_trainvaltest.zip", city, check=lambda rel: rel.endswith("_leftImg8bit.png"))
     unpack(raw, "gtFine_trainvaltest.zip", city)
     # cityscapesScripts' createTrainIdLabelImgs paints the same polygons with train ids that *_labelIds.png holds
     # as label ids, so mapping the label ids through labels.py's id -> trainId table (data.py) gives the same file.
-    bad = []
+    bad = list(skipped)
     allowed = set(range(34)) | {255}  # labelIds 0..33; -1 (license plate) is never painted
 
     def read(path):
@@ -523,8 +586,10 @@ def prepare_cityscapes(raw, root):
                                f"{raw / 'gtFine_trainvaltest.zip'} complete?")
         jobs = [(p, p.relative_to(city / "gtFine" / split).as_posix().replace("_labelIds", "_labelTrainIds"))
                 for p in sources]
+        drop = {s.replace("_leftImg8bit", "_gtFine_labelTrainIds.png")
+                for s in skipped_stems(skipped, city / "leftImg8bit" / split)}
         bad += convert_labels(jobs, read, [(city / "gtFine" / split, data.CITYSCAPES_ID_TO_TRAIN_ID.astype(np.uint8),
-                                            False)], f"train ids {split}")
+                                            False)], f"train ids {split}", drop=drop)
     report_corrupt(bad)
     return [city / "leftImg8bit", city / "gtFine"]
 
@@ -545,9 +610,26 @@ def semi_supervised_split(num_images, percent, fold):
 
 def prepare_coco_detection(raw, root):
     coco = root / "coco"
-    for name in ("train2017.zip", "val2017.zip", "annotations_trainval2017.zip"):
+    full = (raw / "unlabeled2017.zip").exists() and (raw / "image_info_unlabeled2017.zip").exists()
+    skipped = []
+    for name in ("train2017.zip", "val2017.zip", "unlabeled2017.zip")[:3 if full else 2]:
+        skipped += unpack(raw, name, coco, check=lambda rel: rel.endswith(".jpg"))
+    for name in ("annotations_trainval2017.zip", "image_info_unlabeled2017.zip")[:2 if full else 1]:
         unpack(raw, name, coco)
     ann_dir, out = coco / "annotations", coco / "annotations" / "semi_supervised"
+    # data.py's CocoDetection reads every image its json lists. The json files written here (the splits, the
+    # unlabelled set) leave out the skipped images and their boxes; the published instances_{train,val}2017.json are
+    # kept as they are (val2017's metric is defined on all of its images). left_out.json records what the written
+    # files leave out: when that changes (a re-download), they are written again.
+    left_out = sorted(p.relative_to(coco).as_posix() for p in skipped if p.parent.name != "val2017")
+    record = out / "left_out.json"
+    if (json.loads(record.read_text()) if record.exists() else []) != left_out:
+        for path in [*out.glob("instances_train2017.*-unlabeled.json"), ann_dir / "instances_unlabeled2017.json"]:
+            path.unlink(missing_ok=True)  # the file that marks each one written
+        if left_out:
+            save_json(left_out, record)
+        else:
+            record.unlink(missing_ok=True)
     todo = [(p, f) for p in SEMI_PERCENTS for f in SEMI_FOLDS
             if not (out / f"instances_train2017.{f}@{p}-unlabeled.json").exists()]
     if todo:
@@ -558,28 +640,37 @@ def prepare_coco_detection(raw, root):
         except (FileNotFoundError, ValueError, KeyError) as e:
             raise PrepareError(f"{path} is missing or damaged ({e!r}): download annotations_trainval2017.zip again "
                                f"from {SOURCES['annotations_trainval2017.zip']}") from None
+        gone = {img["id"] for img in images if f"train2017/{img['file_name']}" in left_out}
         for percent, fold in tqdm(todo, desc="semi-supervised splits", unit=" splits"):
-            chosen = semi_supervised_split(len(images), percent, fold)
+            chosen = semi_supervised_split(len(images), percent, fold)  # drawn over all images, skipped ones too
             labelled_ids = {images[i]["id"] for i in chosen}
             for suffix, keep in (("", True), ("-unlabeled", False)):  # the unlabelled one last: it marks the split done
                 split = {key: train[key] for key in ("info", "licenses", "categories")}
-                split["images"] = [img for img in images if (img["id"] in labelled_ids) == keep]
-                split["annotations"] = [a for a in train["annotations"] if (a["image_id"] in labelled_ids) == keep]
+                split["images"] = [img for img in images if (img["id"] in labelled_ids) == keep
+                                   and img["id"] not in gone]
+                split["annotations"] = [a for a in train["annotations"] if (a["image_id"] in labelled_ids) == keep
+                                        and a["image_id"] not in gone]
                 save_json(split, out / f"instances_train2017.{fold}@{percent}{suffix}.json")
     written = [coco / "train2017", coco / "val2017", ann_dir / "instances_val2017.json", out]
     # The full setting's unlabelled set (optional): unlabeled2017 images + COCO categories, no annotations.
-    if (raw / "unlabeled2017.zip").exists() and (raw / "image_info_unlabeled2017.zip").exists():
-        unpack(raw, "unlabeled2017.zip", coco)
-        unpack(raw, "image_info_unlabeled2017.zip", coco)
+    if full:
         target = ann_dir / "instances_unlabeled2017.json"
         if not target.exists():
             info = json.loads((ann_dir / "image_info_unlabeled2017.json").read_text())
             categories = json.loads((ann_dir / "instances_val2017.json").read_text())["categories"]
+            info["images"] = [img for img in info["images"] if f"unlabeled2017/{img['file_name']}" not in left_out]
             save_json(dict(info, annotations=[], categories=categories), target)
         written += [coco / "unlabeled2017", target]
     else:
         print("unlabeled2017.zip and image_info_unlabeled2017.zip not in --raw: the full setting's unlabelled set "
               "(annotations/instances_unlabeled2017.json) was not written; the partial splits were.")
+    listed = [p for p in skipped if p.parent.name != "unlabeled2017"]
+    if listed:
+        print(f"{len(listed)} skipped train2017 / val2017 image(s) are still listed in instances_train2017.json / "
+              f"instances_val2017.json (kept as published; the semi-supervised splits leave them out): training on all "
+              f"of train2017 or evaluating on val2017 stops at the first of them with data.py's 'cannot read' until "
+              f"they are replaced.")
+    report_corrupt(skipped)
     return written
 
 
@@ -618,7 +709,7 @@ def prepare_market1501(raw, root):
         if len(parts) >= 2 and parts[-2] in folders and parts[-1].endswith(".jpg"):
             return f"{folders[parts[-2]]}/{parts[-1]}"
         return None
-    unpack(raw, "Market-1501-v15.09.15.zip", out, place)
+    report_corrupt(unpack(raw, "Market-1501-v15.09.15.zip", out, place, check=lambda rel: True))
     _copy_tables(raw, out, ["market-annotation-train.csv", "market-annotation-test.csv"],
                  ["market-pairs-train.csv", "market-pairs-test.csv"])
     return [out / "train", out / "test", *sorted(out.glob("market-*.csv"))]
