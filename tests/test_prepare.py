@@ -398,3 +398,203 @@ def test_ade847_ids_match_the_class_names():
 def test_every_dataset_names_its_downloads(tmp_path, capsys, name):
     status, _, err = run(capsys, name, "--raw", tmp_path, "--data-root", tmp_path / "datasets")
     assert status == 2 and "not found" in err and "download" in err and "Traceback" not in err
+
+
+# ---------------------------------------------------------------------------------------------------------------------
+# A corrupt image in the archives (an error page saved as .jpg / .png): named, counted, skipped with what is made from
+# it, on every run; the run completes and a re-run does the same
+# ---------------------------------------------------------------------------------------------------------------------
+HTML = b"<!DOCTYPE html>\n<html><head><title>502 Bad Gateway</title></head><body>nginx</body></html>\n"
+
+
+def test_check_image_fails_on_what_a_full_decode_fails_on():
+    photo = np.zeros((48, 64, 3), np.uint8)
+    photo[:, :, 0], photo[:, :, 1] = np.arange(64) * 4, np.arange(48)[:, None] * 5
+    jpg, png_file = encoded(photo, "JPEG"), encoded(photo, "PNG")
+    damaged = bytearray(png_file)
+    damaged[len(png_file) // 2] ^= 0xFF  # in the IDAT chunk: its CRC no longer matches
+    cases = {"whole.jpg": jpg, "data_after_the_end.jpg": jpg + b"\0" * 8, "cut.jpg": jpg[:-40], "html.jpg": HTML,
+             "whole.png": png_file, "cut.png": png_file[:-30], "damaged.png": bytes(damaged)}
+    for name, payload in cases.items():
+        try:
+            with Image.open(io.BytesIO(payload)) as im:
+                im.convert("RGB")  # what data.py does
+            decodes = True
+        except OSError:
+            decodes = False
+        try:
+            prepare.check_image(payload, name)
+            checked = True
+        except prepare.Corrupt as e:
+            assert str(e).startswith(name + ": ")
+            checked = False
+        assert checked == decodes == (name.startswith("whole") or name.startswith("data_after")), name
+
+
+def add_members(path, members):
+    """Append members to an archive made by make_zip / make_tar (an uncompressed tar)."""
+    if path.name.endswith(".zip"):
+        with zipfile.ZipFile(path, "a") as z:
+            for name, payload in members.items():
+                z.writestr(name, payload)
+    else:
+        with tarfile.open(path, "a") as t:
+            for name, payload in members.items():
+                info = tarfile.TarInfo(name)
+                info.size = len(payload)
+                t.addfile(info, io.BytesIO(payload))
+
+
+def prepare_twice(capsys, dataset, raw, root, corrupt, absent):
+    """Prepare `dataset` twice from downloads holding the corrupt images `corrupt` (archive member names): each run
+    completes, names each of them and counts them, writes none of `absent` (paths under root: the image and what is
+    made from it) and is not recorded as finished; the second prints the same and changes no file. Returns stdout."""
+    outputs = []
+    for _ in range(2):
+        before = mtimes(root)
+        status, out, _ = run(capsys, dataset, "--raw", raw, "--data-root", root)
+        assert status == 0 and "is ready under" in out
+        assert out.count("corrupt, skipped: ") == len(corrupt) and f"{len(corrupt)} corrupt file(s) skipped" in out
+        for member in corrupt:
+            assert f"corrupt, skipped: {member} in {raw}" in out
+        assert "not an image file (it begins b'<!DOCTYPE html>" in out
+        assert [p for p in absent if (root / p).exists()] == []
+        assert not (root / ".prepared" / f"{dataset}.json").exists()  # the next run looks again
+        outputs.append(out)
+    assert outputs[0] == outputs[1] and mtimes(root) == before
+    return out
+
+
+def test_ade20k_150_with_a_corrupt_image(tmp_path, capsys):
+    raw, root = tmp_path / "raw", tmp_path / "datasets"
+    raw.mkdir()
+    top, label = "ADEChallengeData2016", png(np.ones((4, 5)))
+    make_zip(raw / "ADEChallengeData2016.zip", {
+        f"{top}/images/training/ADE_train_00000001.jpg": jpeg(4, 5), f"{top}/images/training/ADE_train_00000002.jpg":
+            HTML, f"{top}/images/validation/ADE_val_00000001.jpg": jpeg(4, 5),
+        **{f"{top}/annotations/{n}.png": label for n in ("training/ADE_train_00000001", "training/ADE_train_00000002",
+                                                         "validation/ADE_val_00000001")}})
+    prepare_twice(capsys, "ade20k_150", raw, root, [f"{top}/images/training/ADE_train_00000002.jpg"],
+                  [f"{top}/images/training/ADE_train_00000002.jpg",
+                   f"{top}/annotations_detectron2/training/ADE_train_00000002.png"])
+    train = data.real_dataset("ade20k_150", "train", root)
+    assert [image.name for image, _, _ in train.items] == ["ADE_train_00000001.jpg"]
+
+
+def test_coco_stuff_171_with_a_corrupt_image_then_replaced(tmp_path, capsys):
+    raw, root = tmp_path / "raw", tmp_path / "datasets"
+    raw.mkdir()
+    make_zip(raw / "train2017.zip", {"train2017/000000000001.jpg": jpeg(4, 6), "train2017/000000000002.jpg": HTML})
+    make_zip(raw / "val2017.zip", {"val2017/000000000003.jpg": jpeg(4, 6)})
+    a = np.full((4, 6), 255)
+    a[0, :2] = [0, 20]  # person, cow (unseen): a map in _base and _novel
+    make_zip(raw / "stuffthingmaps_trainval2017.zip", {f"{s}/00000000000{i}.png": png(a) for s, i in
+                                                       (("train2017", 1), ("train2017", 2), ("val2017", 3))})
+    maps = "coco/stuffthingmaps_detectron2/train2017"
+    prepare_twice(capsys, "coco_stuff_171", raw, root, ["train2017/000000000002.jpg"],
+                  ["coco/train2017/000000000002.jpg",
+                   *(f"{maps}{v}/000000000002.png" for v in ("", "_base", "_novel"))])
+    assert len(data.real_dataset("coco_stuff_171", "train", root)) == 1  # listed by its label maps: none orphaned
+    counts = root / f"{maps}_base_label_count.json"
+    assert json.loads(counts.read_text()) == {"000000000001.png": [0]}
+    # The archive downloaded again, whole: the image, its maps and its label count are added, the run recorded.
+    make_zip(raw / "train2017.zip", {"train2017/000000000001.jpg": jpeg(4, 6), "train2017/000000000002.jpg":
+                                     jpeg(4, 6, 1)})
+    status, out, _ = run(capsys, "coco_stuff_171", "--raw", raw, "--data-root", root)
+    assert status == 0 and "corrupt" not in out and (root / ".prepared/coco_stuff_171.json").exists()
+    assert len(data.real_dataset("coco_stuff_171", "train", root)) == 2
+    assert json.loads(counts.read_text()) == {"000000000001.png": [0], "000000000002.png": [0]}
+
+
+def test_voc_20_with_a_corrupt_image(tmp_path, capsys):
+    raw, root = tmp_path / "raw", tmp_path / "datasets"
+    raw.mkdir()
+    x = np.zeros((4, 6))
+    x[0, :2] = [1, 16]  # aeroplane, pottedplant (unseen)
+    make_tar(raw / "VOCtrainval_11-May-2012.tar", {
+        "VOCdevkit/VOC2012/JPEGImages/2007_000032.jpg": jpeg(4, 6), "VOCdevkit/VOC2012/JPEGImages/2007_000042.jpg":
+            HTML, "VOCdevkit/VOC2012/JPEGImages/2007_000039.jpg": jpeg(4, 6),
+        "VOCdevkit/VOC2012/ImageSets/Segmentation/val.txt": b"2007_000039\n"})
+    make_zip(raw / "SegmentationClassAug.zip", {f"SegmentationClassAug/{n}.png": png(x)
+                                                for n in ("2007_000032", "2007_000042", "2007_000039")})
+    (raw / "trainaug.txt").write_text("2007_000032\n2007_000042\n")
+    out = "VOC2012/annotations_detectron2/train"
+    prepare_twice(capsys, "voc_20", raw, root, ["VOCdevkit/VOC2012/JPEGImages/2007_000042.jpg"],
+                  ["VOC2012/JPEGImages/2007_000042.jpg",
+                   *(f"{out}{v}/2007_000042.png" for v in ("", "_base", "_novel"))])
+    assert len(data.real_dataset("voc_20", "train", root)) == 1  # listed by its label maps: none orphaned
+    assert json.loads((root / f"{out}_base_label_count.json").read_text()) == {"2007_000032.png": [0]}
+
+
+def test_cityscapes_with_a_corrupt_image(tmp_path, capsys):
+    raw, root = tmp_path / "raw", tmp_path / "datasets"
+    raw.mkdir()
+    good, bad = "train/aachen/aachen_000000_000019", "train/aachen/aachen_000001_000019"
+    make_zip(raw / "leftImg8bit_trainvaltest.zip", {
+        f"leftImg8bit/{s}_leftImg8bit.png": encoded(np.zeros((4, 6, 3), np.uint8), "PNG")
+        for s in (good, "val/lindau/lindau_000000_000019")} | {f"leftImg8bit/{bad}_leftImg8bit.png": HTML})
+    make_zip(raw / "gtFine_trainvaltest.zip", {f"gtFine/{s}_gtFine_labelIds.png": png(np.full((4, 6), 7))
+                                               for s in (good, bad, "val/lindau/lindau_000000_000019")})
+    prepare_twice(capsys, "cityscapes", raw, root, [f"leftImg8bit/{bad}_leftImg8bit.png"],
+                  [f"cityscapes/leftImg8bit/{bad}_leftImg8bit.png",
+                   f"cityscapes/gtFine/{bad}_gtFine_labelTrainIds.png"])
+    assert [image.name for image, _, _ in data.real_dataset("cityscapes", "train", root).items] == \
+           ["aachen_000000_000019_leftImg8bit.png"]
+
+
+def test_coco_detection_with_corrupt_images(tmp_path, capsys):
+    raw, root = tmp_path / "raw", tmp_path / "datasets"
+    coco_detection_raw(raw)
+    add_members(raw / "train2017.zip", {"train2017/000000001001.jpg": HTML})
+    add_members(raw / "val2017.zip", {"val2017/000000001002.jpg": HTML})
+    make_zip(raw / "unlabeled2017.zip", {"unlabeled2017/000000009000.jpg": jpeg(4, 6),
+                                         "unlabeled2017/000000009001.jpg": HTML})
+    info = {"info": {}, "licenses": [], "images": [{"id": i, "file_name": f"{i:012d}.jpg"} for i in (9000, 9001)]}
+    make_zip(raw / "image_info_unlabeled2017.zip", {"annotations/image_info_unlabeled2017.json": json.dumps(info)})
+    out = prepare_twice(capsys, "coco_detection", raw, root, ["train2017/000000001001.jpg", "val2017/000000001002.jpg",
+                                                              "unlabeled2017/000000009001.jpg"],
+                        ["coco/train2017/000000001001.jpg", "coco/val2017/000000001002.jpg",
+                         "coco/unlabeled2017/000000009001.jpg"])
+    assert "2 skipped train2017 / val2017 image(s) are still listed in instances_train2017.json" in out
+    ann = root / "coco/annotations"
+    # The split files leave out image 1001 and its boxes; every other image is where the full draw puts it.
+    for percent, fold in ((1, 1), (10, 3)):
+        labelled, unlabelled = (json.loads((ann / f"semi_supervised/instances_train2017.{fold}@{percent}{s}.json")
+                                           .read_text()) for s in ("", "-unlabeled"))
+        np.random.seed(fold)
+        drawn = {1000 + int(i) for i in np.random.choice(range(200), size=2 * percent, replace=False)}
+        assert {img["id"] for img in labelled["images"]} == drawn - {1001}
+        assert {img["id"] for img in unlabelled["images"]} == set(range(1000, 1200)) - drawn - {1001}
+        assert 1001 not in {a["image_id"] for a in labelled["annotations"] + unlabelled["annotations"]}
+    unlabelled_set = json.loads((ann / "instances_unlabeled2017.json").read_text())
+    assert [img["id"] for img in unlabelled_set["images"]] == [9000]
+    assert json.loads((ann / "semi_supervised/left_out.json").read_text()) == ["train2017/000000001001.jpg",
+                                                                                "unlabeled2017/000000009001.jpg"]
+    # The archives downloaded again, whole: the split files and the unlabelled set are written again, with them.
+    make_zip(raw / "train2017.zip", {f"train2017/00000000{i}.jpg": jpeg(4, 6) for i in (1000, 1001)})
+    make_zip(raw / "val2017.zip", {f"val2017/00000000{i}.jpg": jpeg(4, 6) for i in (1000, 1002)})
+    make_zip(raw / "unlabeled2017.zip", {f"unlabeled2017/00000000{i}.jpg": jpeg(4, 6) for i in (9000, 9001)})
+    status, out, _ = run(capsys, "coco_detection", "--raw", raw, "--data-root", root)
+    assert status == 0 and "corrupt" not in out and (root / ".prepared/coco_detection.json").exists()
+    assert not (ann / "semi_supervised/left_out.json").exists()
+    splits = [json.loads(p.read_text()) for p in (ann / "semi_supervised").glob("instances_train2017.3@10*.json")]
+    assert sorted(img["id"] for split in splits for img in split["images"]) == list(range(1000, 1200))
+    assert [img["id"] for img in json.loads((ann / "instances_unlabeled2017.json").read_text())["images"]] == \
+           [9000, 9001]
+
+
+def test_market1501_with_a_corrupt_image(tmp_path, capsys):
+    raw, root = tmp_path / "raw", tmp_path / "datasets"
+    raw.mkdir()
+    top, names = "Market-1501-v15.09.15", ["0002_c1s1_000451_03.jpg", "0002_c1s1_000551_01.jpg"]
+    make_zip(raw / "Market-1501-v15.09.15.zip", {f"{top}/bounding_box_train/{names[0]}": jpeg(128, 64),
+                                                 f"{top}/bounding_box_train/{names[1]}": HTML,
+                                                 f"{top}/bounding_box_test/0003_c1s6_015971_00.jpg": jpeg(128, 64)})
+    for phase, pair in (("train", names), ("test", ["0003_c1s6_015971_00.jpg"] * 2)):
+        (raw / f"market-annotation-{phase}.csv").write_text("name:keypoints_y:keypoints_x\n" + "".join(
+            f"{n}:[1]:[1]\n" for n in sorted(set(pair))))
+        (raw / f"market-pairs-{phase}.csv").write_text(f"from,to\n{pair[0]},{pair[1]}\n")
+    out = prepare_twice(capsys, "market1501", raw, root, [f"{top}/bounding_box_train/{names[1]}"],
+                        [f"market_data/train/{names[1]}"])
+    # The csv files are Pose-Transfer's, kept as published (the test pairs are the benchmark): the pair is named.
+    assert "warning: 1 image(s) of market-pairs-train.csv are not in" in out and names[1] in out
