@@ -905,10 +905,10 @@ COCO_TREE = """<root>/coco/
 ├── train2017/<id>.jpg, val2017/<id>.jpg, unlabeled2017/<id>.jpg
 └── annotations/
     ├── instances_train2017.json, instances_val2017.json
+    ├── instances_unlabeled2017.json                               unlabeled2017 image list (full setting)
     └── semi_supervised/
         ├── instances_train2017.{fold}@{percent}.json             labelled part of train2017
-        ├── instances_train2017.{fold}@{percent}-unlabeled.json   the rest (its boxes are not used)
-        └── instances_unlabeled2017.json                           unlabeled2017 image list (full setting)
+        └── instances_train2017.{fold}@{percent}-unlabeled.json   the rest (its boxes are not used)
 made by the official COCO 2017 zips and SoftTeacher's tools/dataset/prepare_coco_data.sh (semi_coco.py), or this
 repository's prepare.py"""
 
@@ -1176,8 +1176,7 @@ def detection_dataset(name, split, cfg):
         else:  # all of train2017 labelled; coco_detection_semi_full adds unlabeled2017
             labelled = coco_detection(root, "train2017", "instances_train2017.json", keep_empty=False)
             if semi:
-                unlabelled = coco_detection(root, "unlabeled2017", "semi_supervised/instances_unlabeled2017.json",
-                                            annotated=False)
+                unlabelled = coco_detection(root, "unlabeled2017", "instances_unlabeled2017.json", annotated=False)
     if not semi:
         return Views(labelled, sup_view)
     return TwoStream(Views(labelled, sup_view), Views(unlabelled, unsup_views), get("num_unsup", 4))

@@ -5,6 +5,7 @@ import json
 import pickle
 import tarfile
 import zipfile
+from types import SimpleNamespace
 
 import numpy as np
 import pytest
@@ -568,6 +569,9 @@ def test_coco_detection_with_corrupt_images(tmp_path, capsys):
         assert 1001 not in {a["image_id"] for a in labelled["annotations"] + unlabelled["annotations"]}
     unlabelled_set = json.loads((ann / "instances_unlabeled2017.json").read_text())
     assert [img["id"] for img in unlabelled_set["images"]] == [9000]
+    # ... where the full setting reads it (the official config's annotations/instances_unlabeled2017.json)
+    full = data.build_dataset("coco_detection_semi_full", "train", SimpleNamespace(data_root=str(root), num_unsup=1))
+    assert full.unlabelled.dataset.ids == [9000]
     assert json.loads((ann / "semi_supervised/left_out.json").read_text()) == ["train2017/000000001001.jpg",
                                                                                 "unlabeled2017/000000009001.jpg"]
     # The archives downloaded again, whole: the split files and the unlabelled set are written again, with them.
