@@ -47,7 +47,7 @@ _ENTRIES = {
                     f"{_PATN_DRIVE}"),
     "patn_deepfashion": ("pose_transfer", "deepfashion", None, f"fashion_PATN/ in the official README's Google "
                          f"Drive folder {_PATN_DRIVE}"),
-    "soft_teacher_r50_fpn": ("soft_teacher", "paper", None, None),  # README, Pretrained models: why not converted
+    "soft_teacher_r50_fpn": ("soft_teacher", "paper", None, None),  # docs/soft_teacher.md says why not converted
     "mixtraining_r50_fpn": ("mixtraining", "paper", None, None),
 }
 
@@ -75,7 +75,7 @@ def _local_path(entry, weights):
             raise ValueError(f"{entry}: the authors' file is on {page}, which needs a browser: download it and pass "
                              "weights=PATH")
         if not url:
-            raise ValueError(f"{entry}: no released weights convert into this model (README, Pretrained models); "
+            raise ValueError(f"{entry}: no released weights convert into this model (docs/soft_teacher.md says why); "
                              "weights= takes a checkpoint written by this project's train.py")
         weights = url
     return _download(weights) if "://" in str(weights) else os.fspath(weights)
@@ -231,7 +231,7 @@ def patn_deepfashion(weights=None, **config):
 def soft_teacher_r50_fpn(weights=None, **config):
     """Soft Teacher's detector: Faster R-CNN R50-FPN (torchvision) with mmdet's settings, the student and its EMA
     teacher (soft_teacher.py, preset "paper"). Architecture only: the authors' mmdet checkpoints are not converted
-    (README, Pretrained models, says why).
+    (docs/soft_teacher.md, Released weights, says why).
 
     Paper: Xu, Zhang, Hu, Wang, Wang, Wei, Bai, Liu, "End-to-End Semi-Supervised Object Detection with Soft Teacher",
     ICCV 2021, arXiv 2106.09018; official code microsoft/SoftTeacher. Published, COCO val2017 mAP: 10% labelled
@@ -245,7 +245,7 @@ def soft_teacher_r50_fpn(weights=None, **config):
 def mixtraining_r50_fpn(weights=None, **config):
     """MixTraining's detector: Faster R-CNN R50-FPN (torchvision) with mmdet's settings, the student and its EMA
     teacher (mixtraining.py, preset "paper"). Architecture only: the authors' mmdet checkpoints are not converted
-    (README, Pretrained models, says why).
+    (docs/soft_teacher.md, Released weights, says why).
 
     Paper: Xu, Zhang, Wei, Lin, Cao, Lin, Hu, Bai, "Bootstrap Your Object Detector via Mixed Training", NeurIPS 2021,
     arXiv 2111.03056; official code MendelXu/MixTraining. Published: COCO mAP 41.7 -> 44.0 (Faster R-CNN R50-FPN, no

@@ -2,8 +2,8 @@
 
     python prepare.py DATASET --raw DOWNLOAD_DIR --data-root DATASETS
 
-DOWNLOAD_DIR holds the files exactly as their sites publish them (README, "Preparing the datasets", lists them);
-DATASETS is the --data-root of train.py / eval.py. The layouts are those of the official preparation scripts
+DOWNLOAD_DIR holds the files exactly as their sites publish them (docs/datasets.md, "Preparing the datasets", lists
+them); DATASETS is the --data-root of train.py / eval.py. The layouts are those of the official preparation scripts
 (detectron2 / MaskFormer / SAN / zsseg.baseline / SoftTeacher / Pose-Transfer), written without their dependencies
 (no detectron2, mmcv, Detail API, cityscapesScripts, cv2).
 
