@@ -24,7 +24,8 @@ File map (section -> paper):
   colour_op, geometric_op,
   cutout, strong_view ....... Sec. 3.1 "mixed data augmentation": the strong view, made from the weak view
   map_boxes, warp_image ..... boxes and pixels through a view's 3x3 matrix
-  build_detector ............ torchvision Faster R-CNN R50-FPN (paper) or a small CNN + FPN (toy)
+  build_detector ............ torchvision Faster R-CNN R50-FPN (paper) or a small CNN + FPN (toy), whose body
+                              toy_fpn loads from the toy ImageNet file (toy_backbone.py; see prerequisites)
   image_list ... score_boxes  hooks into torchvision's detector: features, sampled RoIs, RoI scores of given boxes
   soft_teacher_cls_loss,
   teacher_background_weights,
@@ -53,7 +54,8 @@ Differences from the official release (each also at its line):
   7. torchvision's Faster R-CNN, not mmdet's (see soft_teacher.py): ImageNet RGB weights (not caffe BGR), smooth-L1
      (beta 1/9) box losses. Loss = normal + 2.0 x strong, each stream's losses computed on its own forward (the
      official concatenates both streams in one forward and splits the losses; with frozen BN the result is the same).
-  8. The toy preset is ours: a small CNN + FPN with GroupNorm, trained from scratch, on the synthetic detection world
+  8. The toy preset is ours: a small CNN + FPN with GroupNorm, its body pre-trained on a toy ImageNet
+     (toy_backbone.py: one-object synthetic images, no boxes, no detection image), on the synthetic detection world
      with annotation noise (missing, loose, displaced and jittered boxes); evaluation uses the clean boxes.
 
 Shapes: B images, N boxes of an image, R sampled RoIs, K classes (labels 0..K-1 outside, 1..K inside torchvision,

@@ -15,6 +15,7 @@ the classification score says little about how well a box is localised.
 File map (section -> paper):
   Config, PRESETS ........................ Sec. 4.1 implementation details; configs/soft_teacher/base.py, *_180k.py
   build_detector, ToyBackbone ............ Faster R-CNN R50-FPN (torchvision), frozen BN, frozen stem + stage 1
+  toy_fpn, prerequisites ................. the toy's body from the toy ImageNet file (toy_backbone.py), trained first
   map_boxes, view_matrix ................. boxes between the weak (teacher) and strong (student) views
   image_list, roi_head_outputs,
   sample_rois, score_boxes ............... hooks into torchvision's detector: features, sampled RoIs, RoI scores
