@@ -21,7 +21,9 @@ Contents, in reading order:
        ToyShapesCaptions, the captioned images the toy CLIP is pre-trained on.
      - ToyPeople: pairs of one synthetic person in two poses, with 18 keypoints and their heatmaps (PATN).
      - ToyDetection: boxes of shape classes on cluttered backgrounds, a labelled / unlabelled split of it, and
-       optional annotation noise (missing, shifted, loose, displaced boxes) on the training split.
+       optional annotation noise (missing, shifted, loose, displaced boxes) on the training split; and ToyObjects,
+       one object of 10 shape classes per image with an image-level label, the toy ImageNet that the detection toys'
+       backbone is pre-trained on (toy_backbone.py), from a random stream no ToyDetection image shares.
   2. Real datasets in the layouts that the official repos / detectron2 / mmseg preparation scripts write, the
      pose-transfer pairs of Market-1501 and DeepFashion (PoseFolder), and COCO detection (pycocotools) with the
      semi-supervised split files.
