@@ -463,9 +463,10 @@ OBJECT_SHAPES = (*DETECTION_SHAPES, "diamond", "frame", "ellipse", "semicircle",
 class ToyObjects(Dataset):
     """One object per image, to be named (the toy ImageNet that toy_backbone.py pre-trains the detectors' backbone on).
 
-    The object is one of OBJECT_SHAPES (10 classes: the 5 of ToyDetection and 5 more), in a random colour, turn,
-    size (radius S/10 to S/3.5, log-uniform) and place, on ToyDetection's cluttered background. No boxes: a label
-    per image, as ImageNet gives. Image `index` comes from its own stream ([seed, 10 + split, index]), which no
+    The object is one of OBJECT_SHAPES (10 classes: the 5 of ToyDetection and 5 more), in a random colour and turn,
+    large and near the centre as ImageNet's objects are (radius 0.2-0.4 of the side, log-uniform; centre within 0.15
+    of the side from the image centre), on ToyDetection's cluttered background with 0-2 stripes in front. No boxes:
+    a label per image, as ImageNet gives. Image `index` comes from its own stream ([seed, 10 + split, index]), which no
     ToyDetection image (stream [seed, 0 or 1, index]) shares: no detection image, labelled, unlabelled or evaluated,
     is ever drawn here. Items: {"image": float32 (3, S, S) in [0, 1], "label": int64 () in 0..9}.
     """
