@@ -21,7 +21,9 @@ Contents, in reading order:
        ToyShapesCaptions, the captioned images the toy CLIP is pre-trained on.
      - ToyPeople: pairs of one synthetic person in two poses, with 18 keypoints and their heatmaps (PATN).
      - ToyDetection: boxes of shape classes on cluttered backgrounds, a labelled / unlabelled split of it, and
-       optional annotation noise (missing, shifted, loose, displaced boxes) on the training split.
+       optional annotation noise (missing, shifted, loose, displaced boxes) on the training split; and ToyObjects,
+       one object of 10 shape classes per image with an image-level label, the toy ImageNet that the detection toys'
+       backbone is pre-trained on (toy_backbone.py), from a random stream no ToyDetection image shares.
   2. Real datasets in the layouts that the official repos / detectron2 / mmseg preparation scripts write, the
      pose-transfer pairs of Market-1501 and DeepFashion (PoseFolder), and COCO detection (pycocotools) with the
      semi-supervised split files.
@@ -35,6 +37,7 @@ contiguous class indices 0..K-1 into `.class_names` (no background index), "imag
 "matrix": float32 (3, 3), the affine map from original-image pixels to view pixels (x, y, 1). Images differ in size,
 so a batch keeps them in lists (train.collate).
 """
+import functools
 import math
 from dataclasses import dataclass
 from pathlib import Path
@@ -61,14 +64,24 @@ def _rng(seed, split, index):
 def _noise_texture(rng, size, mean, std, smooth=2):
     """(size, size) grey texture: white noise box-blurred `smooth` times, so it has a grain of a few pixels."""
     t = rng.normal(0.0, 1.0, (size, size))
-    for _ in range(smooth):
-        t = (t + np.roll(t, 1, 0) + np.roll(t, -1, 0) + np.roll(t, 1, 1) + np.roll(t, -1, 1)) / 5
+    for _ in range(smooth):  # each pixel and its 4 neighbours, wrapping around the borders
+        p = np.empty((size + 2, size + 2))  # t with a 1-pixel wrapped border (its corners are never read)
+        p[1:-1, 1:-1], p[0, 1:-1], p[-1, 1:-1], p[1:-1, 0], p[1:-1, -1] = t, t[-1], t[0], t[:, -1], t[:, 0]
+        t = (t + p[:-2, 1:-1] + p[2:, 1:-1] + p[1:-1, :-2] + p[1:-1, 2:]) / 5
     return mean + std * t / (t.std() + 1e-8)
+
+
+@functools.lru_cache(maxsize=8)
+def _grid(size):
+    """(2, size, size) float32 row and column indices, made once per size (read-only)."""
+    grid = np.mgrid[:size, :size].astype(np.float32)
+    grid.flags.writeable = False
+    return grid
 
 
 def _shape_mask(kind, cy, cx, r, size, angle=0.0):
     """(size, size) bool mask of a square, circle/disc or triangle centred at (cy, cx) with 'radius' r."""
-    yy, xx = np.mgrid[:size, :size].astype(np.float32)
+    yy, xx = _grid(size)
     y, x = yy - cy, xx - cx
     c, s = np.cos(angle), np.sin(angle)
     u, v = c * x + s * y, -s * x + c * y  # rotated coordinates
@@ -80,8 +93,18 @@ def _shape_mask(kind, cy, cx, r, size, angle=0.0):
         return (v <= r * 0.5) & (v >= -r + 1.732 * np.abs(u))
     if kind == "ring":
         return (u**2 + v**2 <= r**2) & (u**2 + v**2 >= (0.55 * r) ** 2)
-    if kind == "cross":  # a plus sign, arms 0.6 r wide
+    if kind in ("cross", "x"):  # a plus sign, arms 0.6 r wide; "x" is the same turned by 45 degrees
+        if kind == "x":
+            u, v = (u + v) / np.sqrt(2), (v - u) / np.sqrt(2)
         return ((np.abs(u) <= r * 0.9) & (np.abs(v) <= r * 0.3)) | ((np.abs(v) <= r * 0.9) & (np.abs(u) <= r * 0.3))
+    if kind == "diamond":
+        return np.abs(u) + np.abs(v) <= r
+    if kind == "frame":  # a hollow square
+        return (np.maximum(np.abs(u), np.abs(v)) <= r * 0.85) & (np.maximum(np.abs(u), np.abs(v)) >= r * 0.5)
+    if kind == "ellipse":
+        return (u / r) ** 2 + (v / (0.5 * r)) ** 2 <= 1
+    if kind == "semicircle":
+        return (u**2 + v**2 <= r**2) & (v <= 0)
     raise ValueError(kind)
 
 
@@ -410,6 +433,71 @@ class ToyPeople(Dataset):
 DETECTION_SHAPES = ("square", "circle", "triangle", "ring", "cross")  # the ToyDetection classes
 
 
+def _stripe(rng, S):
+    """(S, S) bool mask of a thin straight stripe at a random place and angle."""
+    yy, xx = np.mgrid[:S, :S]
+    a, (cy, cx) = rng.uniform(0, np.pi), rng.uniform(0, S, 2)
+    across = np.abs((xx - cx) * np.sin(a) - (yy - cy) * np.cos(a))
+    along = np.abs((xx - cx) * np.cos(a) + (yy - cy) * np.sin(a))
+    return (across < rng.uniform(1, 3)) & (along < rng.uniform(S / 8, S / 2))
+
+
+def cluttered_background(rng, S):
+    """(3, S, S) float: a tinted noise texture with clutter that no class claims: stripes, then speckles."""
+    image = np.stack([_noise_texture(rng, S, rng.uniform(0.25, 0.6), 0.07, smooth=3) for _ in range(3)])
+    for _ in range(rng.integers(2, 6)):
+        image[:, _stripe(rng, S)] = rng.uniform(0.1, 0.95, 3)[:, None]
+    yy, xx = _grid(S)
+    for _ in range(rng.integers(10, 30)):  # a speckle: a disc of radius 1-2.5, drawn in its own small window
+        y, x, r = *rng.uniform(0, S, 2), rng.uniform(1, 2.5)
+        window = np.s_[max(int(y - r) - 1, 0):int(y + r) + 2, max(int(x - r) - 1, 0):int(x + r) + 2]
+        disc = (xx[window] - x) ** 2 + (yy[window] - y) ** 2 <= r**2
+        image[(slice(None), *window)][:, disc] = rng.uniform(0.1, 0.95, 3)[:, None]
+    return image
+
+
+# The toy ImageNet's classes: the five detection shapes and five more, as ImageNet holds COCO's objects and many others.
+OBJECT_SHAPES = (*DETECTION_SHAPES, "diamond", "frame", "ellipse", "semicircle", "x")
+
+
+class ToyObjects(Dataset):
+    """One object per image, to be named (the toy ImageNet that toy_backbone.py pre-trains the detectors' backbone on).
+
+    The object is one of OBJECT_SHAPES (10 classes: the 5 of ToyDetection and 5 more), in a random colour and turn,
+    large and near the centre as ImageNet's objects are (radius 0.2-0.4 of the side, log-uniform; centre within 0.15
+    of the side from the image centre), on ToyDetection's cluttered background with 0-2 stripes in front. No boxes:
+    a label per image, as ImageNet gives. Image `index` comes from its own stream ([seed, 10 + split, index]), which no
+    ToyDetection image (stream [seed, 0 or 1, index]) shares: no detection image, labelled, unlabelled or evaluated,
+    is ever drawn here. Items: {"image": float32 (3, S, S) in [0, 1], "label": int64 () in 0..9}.
+    """
+
+    class_names = list(OBJECT_SHAPES)
+    radius = (0.2, 0.4)  # object radius range, relative to the image side (log-uniform)
+    shift = 0.15  # the object's centre: the image centre moved by up to this fraction of the side on each axis
+
+    def __init__(self, split="train", size=64, length=None, seed=0):
+        if split not in ("train", "val"):
+            raise ValueError(f"split must be 'train' or 'val', got {split!r}")
+        self.split, self.size, self.seed = split, size, seed
+        self.length = length or (1_000_000 if split == "train" else 512)
+
+    def __len__(self):
+        return self.length
+
+    def __getitem__(self, index):
+        rng = np.random.default_rng([self.seed, 10 + (self.split == "val"), index])
+        S = self.size
+        image = cluttered_background(rng, S)
+        k = rng.integers(len(OBJECT_SHAPES))
+        r = S * np.exp(rng.uniform(*np.log(self.radius)))
+        y, x = S / 2 + rng.uniform(-self.shift, self.shift, 2) * S  # near the centre, as ImageNet's objects
+        mask = _shape_mask(OBJECT_SHAPES[k], y, x, r, S, angle=rng.uniform(-0.3, 0.3))
+        image[:, mask] = rng.uniform(0.05, 1.0, 3)[:, None] * _noise_texture(rng, S, 1.0, 0.1)[mask][None]
+        for _ in range(rng.integers(0, 3)):  # stripes in front of the object, as in ToyDetection
+            image[:, _stripe(rng, S)] = rng.uniform(0.1, 0.95, 3)[:, None]
+        return {"image": torch.from_numpy(np.clip(image, 0, 1).astype(np.float32)), "label": torch.tensor(k)}
+
+
 class ToyDetection(Dataset):
     """Shapes to detect on a cluttered, textured background (the Soft Teacher / MixTraining toy).
 
@@ -447,24 +535,10 @@ class ToyDetection(Dataset):
     def __len__(self):
         return self.length
 
-    def stripe(self, rng):
-        """(S, S) bool mask of a thin straight stripe at a random place and angle."""
-        S = self.size
-        yy, xx = np.mgrid[:S, :S]
-        a, (cy, cx) = rng.uniform(0, np.pi), rng.uniform(0, S, 2)
-        across = np.abs((xx - cx) * np.sin(a) - (yy - cy) * np.cos(a))
-        along = np.abs((xx - cx) * np.cos(a) + (yy - cy) * np.sin(a))
-        return (across < rng.uniform(1, 3)) & (along < rng.uniform(S / 8, S / 2))
-
     def render(self, rng):
         """image float32 (3, S, S), clean boxes float32 (N, 4) xyxy, labels int64 (N,)."""
         S = self.size
-        image = np.stack([_noise_texture(rng, S, rng.uniform(0.25, 0.6), 0.07, smooth=3) for _ in range(3)])
-        for _ in range(rng.integers(2, 6)):  # clutter: stripes, then speckles
-            image[:, self.stripe(rng)] = rng.uniform(0.1, 0.95, 3)[:, None]
-        for _ in range(rng.integers(10, 30)):
-            y, x, r = *rng.uniform(0, S, 2), rng.uniform(1, 2.5)
-            image[:, _shape_mask("circle", y, x, r, S)] = rng.uniform(0.1, 0.95, 3)[:, None]
+        image = cluttered_background(rng, S)
         owner = np.full((S, S), -1)  # which object each pixel shows
         placed, labels, full = [], [], []
         for _ in range(rng.integers(1, 7)):
@@ -486,7 +560,7 @@ class ToyDetection(Dataset):
             labels.append(k)
             full.append(mask.sum())
         for _ in range(rng.integers(0, 3)):  # stripes in front of the objects: more occlusion
-            stripe = self.stripe(rng)
+            stripe = _stripe(rng, S)
             image[:, stripe], owner[stripe] = rng.uniform(0.1, 0.95, 3)[:, None], -1
         boxes, kept = [], []
         for i, k in enumerate(labels):
@@ -1201,6 +1275,8 @@ def build_dataset(name, split, cfg):
         "toy_shapes": lambda: ToyShapes(split, cfg.crop_size, "all", seed=seed),
         "toy_shapes_seen": lambda: ToyShapes(split, cfg.crop_size, "seen", seed=seed),
         "toy_shapes_captions": lambda: ToyShapesCaptions(split, cfg.crop_size, seed=seed),
+        "toy_objects": lambda: ToyObjects(split, cfg.crop_size, getattr(cfg, "eval_images", None) if split == "val"
+                                          else None, seed=seed),
     }
     if name == "toy_people":
         return ToyPeople(split, tuple(cfg.image_size), cfg.heatmap_sigma, seed=seed,

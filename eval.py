@@ -11,9 +11,9 @@ is measured and drawn follows the model file's TASK: EVALUATORS[task] computes t
 train.py's predictions.png.
 
 Contents: semantic-segmentation metrics (detectron2's SemSegEvaluator definitions, plus the generalized zero-shot
-seen / unseen / harmonic split of zsseg) -> evaluation loops, the pose-transfer metrics (SSIM, mask-SSIM, L1, IS as
-the official Pose-Transfer scripts compute them), COCO box mAP with pycocotools for detection, and EVALUATORS ->
-plots and PLOTTERS -> command line.
+seen / unseen / harmonic split of zsseg) -> evaluation loops, top-1 accuracy for classification (pre-training), the
+pose-transfer metrics (SSIM, mask-SSIM, L1, IS as the official Pose-Transfer scripts compute them), COCO box mAP with
+pycocotools for detection, and EVALUATORS -> plots and PLOTTERS -> command line.
 """
 import argparse
 import json
@@ -111,6 +111,23 @@ def evaluate_clip(wrapper, dataset, device, rank=0, world=1):
     if world > 1:
         dist.all_reduce(counts)
     return {"zero_shot_acc": 100 * counts[0].item() / max(counts[1].item(), 1)}
+
+
+@torch.no_grad()
+def evaluate_classification(wrapper, dataset, device, rank=0, world=1, batch_size=128):
+    """Top-1 accuracy (%) of wrapper.predict's (B, K) logits against each item's "label" (a pre-training such as
+    toy_backbone's toy ImageNet); images are split over DDP ranks, the counts summed."""
+    correct = total = 0
+    indices = list(range(rank, len(dataset), world))
+    for j in range(0, len(indices), batch_size):
+        items = [dataset[i] for i in indices[j:j + batch_size]]
+        logits = wrapper.predict({"image": torch.stack([it["image"] for it in items]).to(device)})  # (B, K)
+        correct += (logits.argmax(1).cpu() == torch.stack([it["label"] for it in items])).sum().item()
+        total += len(items)
+    counts = torch.tensor([correct, total], device=device)
+    if world > 1:
+        dist.all_reduce(counts)
+    return {"top1": 100 * counts[0].item() / max(counts[1].item(), 1)}
 
 
 # ----------------------------------------------------------------------------------------------------------------------
@@ -313,7 +330,8 @@ def evaluate_detection(wrapper, dataset, device, rank=0, world=1):
 
 
 # TASK -> fn(wrapper, dataset, device, rank, world)
-EVALUATORS = {"semseg": evaluate_semseg, "clip": evaluate_clip, "pose": evaluate_pose, "detection": evaluate_detection}
+EVALUATORS = {"semseg": evaluate_semseg, "clip": evaluate_clip, "pose": evaluate_pose, "detection": evaluate_detection,
+              "classification": evaluate_classification}
 
 
 def evaluate(wrapper, task, eval_sets, device, rank=0, world=1):

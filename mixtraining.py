@@ -24,7 +24,8 @@ File map (section -> paper):
   colour_op, geometric_op,
   cutout, strong_view ....... Sec. 3.1 "mixed data augmentation": the strong view, made from the weak view
   map_boxes, warp_image ..... boxes and pixels through a view's 3x3 matrix
-  build_detector ............ torchvision Faster R-CNN R50-FPN (paper) or a small CNN + FPN (toy)
+  build_detector ............ torchvision Faster R-CNN R50-FPN (paper) or a small CNN + FPN (toy), whose body
+                              toy_fpn loads from the toy ImageNet file (toy_backbone.py; see prerequisites)
   image_list ... score_boxes  hooks into torchvision's detector: features, sampled RoIs, RoI scores of given boxes
   soft_teacher_cls_loss,
   teacher_background_weights,
@@ -53,7 +54,8 @@ Differences from the official release (each also at its line):
   7. torchvision's Faster R-CNN, not mmdet's (see soft_teacher.py): ImageNet RGB weights (not caffe BGR), smooth-L1
      (beta 1/9) box losses. Loss = normal + 2.0 x strong, each stream's losses computed on its own forward (the
      official concatenates both streams in one forward and splits the losses; with frozen BN the result is the same).
-  8. The toy preset is ours: a small CNN + FPN with GroupNorm, trained from scratch, on the synthetic detection world
+  8. The toy preset is ours: a small CNN + FPN with GroupNorm, its body pre-trained on a toy ImageNet
+     (toy_backbone.py: one-object synthetic images, no boxes, no detection image), on the synthetic detection world
      with annotation noise (missing, loose, displaced and jittered boxes); evaluation uses the clean boxes.
 
 Shapes: B images, N boxes of an image, R sampled RoIs, K classes (labels 0..K-1 outside, 1..K inside torchvision,
@@ -97,8 +99,8 @@ class Config:
     test_size: int = 800  # short side at test time (long side <= max_size)
     num_classes: int = 80  # object classes (background excluded)
     # detector (the fields of soft_teacher.build_detector)
-    backbone: str = "resnet50"  # "resnet50" (R50-FPN, the paper) or "toy" (a small CNN + FPN, random init)
-    weights: str = "IMAGENET1K_V1"  # resnet50 init: torchvision ResNet50_Weights name or a local .pth state dict
+    backbone: str = "resnet50"  # "resnet50" (R50-FPN, the paper) or "toy" (a small CNN + FPN, toy_backbone.py init)
+    weights: str = "IMAGENET1K_V1"  # ResNet50_Weights name or a .pth state dict; toy: its .pth, or "none" (random)
     toy_width: int = 32  # toy backbone: channels of the first stage (doubled per stage), FPN channels = 2x this
     anchor_sizes: tuple = (32, 64, 128, 256, 512)  # one anchor size per FPN level (mmdet: 8 x stride), 3 ratios each
     roi_head_dim: int = 1024  # width of the two shared FC layers of the RoI head
@@ -150,9 +152,11 @@ PRESETS = {
     # a 1:1 normal:strong sampler = 64 normal + 64 strong images per iteration; here every item gives both views, so
     # a batch of 64 items. SGD 0.01, warm-up 500, 703,680 iterations, x0.1 at 469,120 and 645,040.
     "paper": Config(warmup_ratio=0.001),  # mmcv's warm-up: lr x (0.001 + 0.999 i / 500)
-    # The CPU toy: the synthetic detection world with noisy training boxes, a small FPN detector from scratch.
+    # The CPU toy: the synthetic detection world with noisy training boxes, a small FPN detector whose body is
+    # pre-trained on a toy ImageNet (toy_backbone.py; train.py trains it first when the file is missing).
     "toy": replace(Config(), train_dataset="toy_detection", eval_datasets=("toy_detection",), num_classes=5,
-                   image_size=128, backbone="toy", weights="none", anchor_sizes=(16, 32, 64, 128), roi_head_dim=256,
+                   image_size=128, backbone="toy", weights="runs/toy_backbone/toy_backbone.pth", toy_width=16,
+                   anchor_sizes=(16, 32, 64, 128), roi_head_dim=256,
                    rpn_pre_nms=(600, 300), rpn_post_nms=(200, 100), rois_per_image=64, roi_sampling_ratio=2,
                    train_scales=(96, 160), max_size=320, test_size=128, batch_size=4, max_iters=600,
                    lr_steps=(450, 550), warmup_iters=100, lr=0.02, grad_clip=10.0, ema_momentum=0.99,
@@ -272,21 +276,29 @@ def strong_view(image, boxes):
 # ----------------------------------------------------------------------------------------------------------------------
 # The detector: torchvision's Faster R-CNN, with resizing left to the data pipeline
 # ----------------------------------------------------------------------------------------------------------------------
+# Copied from soft_teacher.toy_stages
+def toy_stages(width):
+    """The toy body: 4 stride-2 stages of two 3x3 convs with GroupNorm, channels width/2, width, 2 width, 4 width.
+    Stage i maps (B, c, H, W) -> (B, chans[i], H / 2, W / 2)."""
+    chans = [width // 2, width, 2 * width, 4 * width]
+
+    def stage(cin, cout):
+        return nn.Sequential(nn.Conv2d(cin, cout, 3, 2, 1, bias=False), nn.GroupNorm(8, cout), nn.ReLU(True),
+                             nn.Conv2d(cout, cout, 3, 1, 1, bias=False), nn.GroupNorm(8, cout), nn.ReLU(True))
+    return nn.ModuleList([stage(cin, cout) for cin, cout in zip([3] + chans[:-1], chans)])
+
+
 # Copied from soft_teacher.ToyBackbone
 class ToyBackbone(nn.Module):
-    """A small CNN (4 stride-2 stages of two 3x3 convs with GroupNorm) + FPN on strides 4, 8, 16, max-pooled to 32.
+    """The toy body (toy_stages) + FPN on strides 4, 8, 16, max-pooled to 32.
     (B, 3, H, W) -> {"0": (B, C, H/4, W/4), "1": H/8, "2": H/16, "pool": H/32}, C = out_channels."""
 
     def __init__(self, width=32):
         super().__init__()
-        chans = [width // 2, width, 2 * width, 4 * width]
-
-        def stage(cin, cout):
-            return nn.Sequential(nn.Conv2d(cin, cout, 3, 2, 1, bias=False), nn.GroupNorm(8, cout), nn.ReLU(True),
-                                 nn.Conv2d(cout, cout, 3, 1, 1, bias=False), nn.GroupNorm(8, cout), nn.ReLU(True))
-        self.stages = nn.ModuleList([stage(cin, cout) for cin, cout in zip([3] + chans[:-1], chans)])
+        self.stages = toy_stages(width)
         self.out_channels = 2 * width
-        self.fpn = torchvision.ops.FeaturePyramidNetwork(chans[1:], self.out_channels, LastLevelMaxPool())
+        self.fpn = torchvision.ops.FeaturePyramidNetwork([width, 2 * width, 4 * width], self.out_channels,
+                                                         LastLevelMaxPool())
 
     def forward(self, x):
         feats = {}
@@ -325,6 +337,41 @@ def resnet50_fpn(weights):
     return backbone
 
 
+# Copied from soft_teacher.toy_fpn
+def toy_fpn(weights, width, load=True):
+    """ToyBackbone with its body initialised from the toy ImageNet classifier's file (toy_backbone.py: `stages.*` and
+    `fc.*`, as a torchvision ResNet file; fc is dropped) and its first stage frozen (mmdet frozen_stages=1); load=False
+    skips the file (a checkpoint follows). weights "none": random initialisation, nothing frozen."""
+    backbone = ToyBackbone(width)
+    if weights == "none":
+        return backbone
+    backbone.stages[0].requires_grad_(False)  # mmdet frozen_stages=1: the first stage keeps its pre-trained weights
+    if not load:
+        return backbone
+    made_by = "it is trained by `python train.py --model toy_backbone`"
+    try:
+        state = torch.load(weights, map_location="cpu", weights_only=True)
+    except FileNotFoundError:
+        raise FileNotFoundError(f"no toy backbone weights at {weights} ({made_by})") from None
+    except Exception:  # not a torch file, or one with pickled objects
+        raise ValueError(f"{weights} is not a state-dict file ({made_by})") from None
+    if not isinstance(state, dict) or not all(torch.is_tensor(v) for v in state.values()):
+        raise ValueError(f"{weights} is not a state dict ({made_by})")
+    body = {k: v for k, v in state.items() if not k.startswith("fc.")}
+    expected = {k: v.shape for k, v in backbone.stages.state_dict(prefix="stages.").items()}
+    if {k: v.shape for k, v in body.items()} != expected:
+        raise ValueError(f"{weights} is not a toy backbone of width {width} (its keys or shapes differ; {made_by}"
+                         f" --toy_width {width})")
+    backbone.load_state_dict(body, strict=False)  # the FPN stays randomly initialised
+    return backbone
+
+
+# Copied from soft_teacher.prerequisites
+def prerequisites(cfg):
+    """{file: model that trains it}: train.py pre-trains the toy backbone first when its weights are missing."""
+    return {cfg.weights: "toy_backbone"} if cfg.backbone == "toy" and cfg.weights != "none" else {}
+
+
 # Copied from soft_teacher.build_detector
 def build_detector(cfg, pretrained=True):
     """torchvision FasterRCNN with mmdet's faster_rcnn_r50_fpn settings (RPN 2000 pre-NMS / 1000 post-NMS per image
@@ -339,9 +386,7 @@ def build_detector(cfg, pretrained=True):
         if pretrained and cfg.weights == "none":
             raise ValueError("resnet50 needs ImageNet weights (--weights IMAGENET1K_V1 or a .pth); 'none' is for the toy")
     elif cfg.backbone == "toy":
-        if cfg.weights != "none":
-            raise ValueError("the toy backbone is randomly initialised: set --weights none")
-        backbone = ToyBackbone(cfg.toy_width)
+        backbone = toy_fpn(cfg.weights, cfg.toy_width, load=pretrained)
     else:
         raise ValueError(f"backbone must be 'resnet50' or 'toy', got {cfg.backbone!r}")
     levels = len(cfg.anchor_sizes)
@@ -650,7 +695,7 @@ def export(wrapper, cfg, out):
 # ----------------------------------------------------------------------------------------------------------------------
 if __name__ == "__main__":
     torch.manual_seed(0)
-    cfg = replace(PRESETS["toy"], score_thr=0.0, gt_score_thr=0.0)  # a random teacher: let every box through
+    cfg = replace(PRESETS["toy"], score_thr=0.0, gt_score_thr=0.0, weights="none")  # random: let every box through
     model = build_model(cfg)
     views = {k: {"image": [torch.rand(3, 128, 160), torch.rand(3, 160, 128)],
                  "boxes": [torch.tensor([[10.0, 10, 60, 70]]), torch.zeros(0, 4)],

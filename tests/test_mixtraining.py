@@ -17,6 +17,9 @@ import mixtraining as mt
 REPO = Path(__file__).resolve().parents[1]
 
 
+TOY = replace(mt.PRESETS["toy"], weights="none")  # a random backbone: no toy_backbone pre-training in a test
+
+
 def test_rating_and_merge_keep_drop_and_replace_human_boxes():
     gt = torch.tensor([[0.0, 0, 10, 10],      # rated 0.95: kept, overlaps no pseudo box
                        [20, 20, 30, 30],      # rated 0.50: dropped (no strong augmentation for it)
@@ -39,7 +42,7 @@ def test_rating_and_merge_keep_drop_and_replace_human_boxes():
 def test_training_step_targets_follow_the_rating(monkeypatch):
     """Inside the wrapper: a human box the teacher rates low is no target of the strong view; pseudo boxes are."""
     torch.manual_seed(0)
-    cfg = replace(mt.PRESETS["toy"], gt_score_thr=0.9)
+    cfg = replace(TOY, gt_score_thr=0.9)
     model = mt.build_model(cfg)
     gt = torch.tensor([[10.0, 10, 50, 50], [80, 80, 120, 120]])
     monkeypatch.setattr(mt, "teacher_detect", lambda t, images: (
@@ -105,7 +108,7 @@ def test_every_colour_op_changes_the_image(op):
 
 def test_ema_warm_up_is_linear_over_100_iterations():
     torch.manual_seed(0)
-    model = mt.build_model(mt.PRESETS["toy"])
+    model = mt.build_model(TOY)
     p_s, p_t = next(model.student.parameters()), next(model.teacher.parameters())
     assert torch.equal(p_s, p_t)  # the teacher starts as a copy
     with torch.no_grad():
@@ -119,7 +122,7 @@ def test_ema_warm_up_is_linear_over_100_iterations():
 
 def test_one_step_learns_from_both_streams_and_predicts():
     torch.manual_seed(0)
-    cfg = replace(mt.PRESETS["toy"], score_thr=0.0, gt_score_thr=0.0)  # a random teacher lets everything through
+    cfg = replace(TOY, score_thr=0.0, gt_score_thr=0.0)  # a random teacher lets everything through
     model = mt.build_model(cfg)
     view = {"image": [torch.rand(3, 96, 128), torch.rand(3, 128, 96)],
             "boxes": [torch.tensor([[10.0, 10, 60, 70]]), torch.zeros(0, 4)],
@@ -164,7 +167,7 @@ def test_annotation_noise_removes_and_perturbs_the_fractions_it_says():
         data.ToyDetection("val", size=96, loose=0.1)
     with pytest.raises(ValueError, match="fractions"):
         data.ToyDetection("train", size=96, loose=0.7, displaced=0.5)
-    cfg = replace(mt.PRESETS["toy"], image_size=96, eval_images=4)
+    cfg = replace(TOY, image_size=96, eval_images=4)
     assert torch.equal(data.build_dataset("toy_detection", "val", cfg)[2]["boxes"], val[2]["boxes"])  # clean
 
 
@@ -172,7 +175,7 @@ def test_train_then_eval_round_trip(tmp_path):
     env = {**os.environ, "OMP_NUM_THREADS": "1"}
     tiny = ["--image_size", 64, "--eval_images", 2, "--train_scales", "56,72", "--test_size", 64, "--toy_width", 16,
             "--roi_head_dim", 32, "--rois_per_image", 16, "--max_iters", 2, "--batch_size", 2, "--eval_interval", 2,
-            "--num_workers", 0, "--score_thr", 0.0, "--gt_score_thr", 0.0]
+            "--num_workers", 0, "--score_thr", 0.0, "--gt_score_thr", 0.0, "--weights", "none"]
     result = subprocess.run([sys.executable, "train.py", "--model", "mixtraining", *map(str, tiny), "--out", tmp_path],
                             cwd=REPO, env=env, capture_output=True, text=True, timeout=300)
     assert result.returncode == 0, result.stderr[-3000:]

@@ -19,10 +19,10 @@ REPO = Path(__file__).resolve().parents[1]
 ENV = {**os.environ, "OMP_NUM_THREADS": "1"}
 TINY = ["--image_size", "64", "--train_scales", "64,80", "--num_labelled", "4", "--num_unsup", "2", "--eval_images",
         "2", "--rpn_pre_nms", "200,100", "--rpn_post_nms", "50,50", "--rois_per_image", "32", "--roi_head_dim", "32",
-        "--unsup_start", "0"]
+        "--unsup_start", "0", "--weights", "none"]  # a random backbone: no toy_backbone pre-training in a test
 TINY_CFG = replace(st.PRESETS["toy"], image_size=64, train_scales=(64, 80), num_labelled=4, num_unsup=2,
                    rpn_pre_nms=(200, 100), rpn_post_nms=(50, 50), rois_per_image=32, roi_head_dim=32,
-                   unsup_start=0)
+                   unsup_start=0, weights="none")
 
 
 def test_ema_momentum_warm_up_and_update():
