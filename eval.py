@@ -343,10 +343,42 @@ def palette(num_classes):
     return out
 
 
-def colourise(label, num_classes):
+def colourise(label, num_classes, colours=None):
+    """(H, W) label -> (H, W, 3) RGB with `colours` (K, 3), palette(num_classes) by default; IGNORE is black."""
     label = np.asarray(label).astype(np.int64)
-    colours = palette(num_classes)
+    colours = palette(num_classes) if colours is None else np.concatenate([colours, np.zeros((1, 3))])
     return colours[np.where((label >= 0) & (label < num_classes), label, len(colours) - 1)]
+
+
+SHAPE_SHADES = {"square": (1.0, 0.0), "circle": (0.45, 0.55), "triangle": (0.55, 0.0)}  # colour x a + b
+SHAPE_MARKERS = {"square": "s", "circle": "o", "triangle": "^"}
+
+
+def class_colours(names):
+    """(K, 3) a colour per class name, so that a reader can map a region to the object it names: a "<colour> <shape>"
+    name of the shape toys ("blue square") gets the toy's own colour, as drawn, lighter for circles and darker for
+    triangles (as notebooks/san_attention_bias.ipynb draws them), "background" dark grey; any other name keeps its
+    palette() colour."""
+    import data
+    colours = palette(len(names))[:len(names)].copy()
+    for k, name in enumerate(names):
+        colour, _, shape = name.partition(" ")
+        if colour in data.COLOURS and shape in SHAPE_SHADES:
+            a, b = SHAPE_SHADES[shape]
+            colours[k] = a * np.asarray(data.COLOURS[colour]) + b
+        elif name == data.BACKGROUND:
+            colours[k] = 0.3
+    return colours
+
+
+def legend_handles(names, colours):
+    """Legend patches in `colours`, each with its shape's marker for the shape toys' names (a square, circle or
+    triangle), else a plain rectangle."""
+    from matplotlib.lines import Line2D
+    plt = _pyplot()
+    return [Line2D([], [], ls="", marker=SHAPE_MARKERS[n.partition(" ")[2]], markersize=8, color=c, markeredgecolor="k",
+                   markeredgewidth=0.5) if n.partition(" ")[2] in SHAPE_MARKERS else plt.Rectangle((0, 0), 1, 1, color=c)
+            for n, c in zip(names, colours)]
 
 
 def _pyplot():
@@ -386,18 +418,18 @@ def plot_semseg(wrapper, dataset, png, device, n=4):
     wrapper.eval()
     names, K = dataset.class_names, len(dataset.class_names)
     seen = getattr(dataset, "seen_classes", None)
-    pal = palette(K)
+    pal = class_colours(names)
     fig, axes = plt.subplots(n, 3, figsize=(11, 3 * n), squeeze=False)
     for row in range(min(n, len(dataset))):
         item = dataset[row]
         pred = wrapper.predict({"image": item["image"][None].to(device)}, vocab=names).argmax(1)[0].cpu()
-        for ax, img, title in zip(axes[row], [item["image"].permute(1, 2, 0).numpy(), colourise(item["label"], K),
-                                              colourise(pred, K)], ["image", "ground truth", "prediction"]):
+        for ax, img, title in zip(axes[row], [item["image"].permute(1, 2, 0).numpy(), colourise(item["label"], K, pal),
+                                              colourise(pred, K, pal)], ["image", "ground truth", "prediction"]):
             ax.imshow(img)
             ax.set_title(title)
             ax.axis("off")
         present = sorted(set(item["label"].unique().tolist()) | set(pred.unique().tolist()))
-        handles = [plt.Rectangle((0, 0), 1, 1, color=pal[k]) for k in present if k < K]
+        handles = legend_handles([names[k] for k in present if k < K], [pal[k] for k in present if k < K])
         labels = [names[k] + (" *" if seen is not None and k not in seen else "") for k in present if k < K]
         axes[row, 2].legend(handles, labels, loc="upper left", bbox_to_anchor=(1.02, 1), fontsize=7, frameon=False,
                             title="* unseen" if seen is not None else None, title_fontsize=7)
@@ -540,12 +572,13 @@ def segment_image(wrapper, image_path, vocab, out_dir, device, top=6):
                          "(san, zsseg)")
     pred = scores.argmax(1)[0].cpu().numpy()  # (H, W)
     rgb = image.permute(1, 2, 0).numpy()
-    overlay = 0.5 * rgb + 0.5 * colourise(pred, len(vocab))
+    colours = class_colours(vocab)
+    overlay = 0.5 * rgb + 0.5 * colourise(pred, len(vocab), colours)
     fig, ax = plt.subplots(figsize=(8, 8 * rgb.shape[0] / rgb.shape[1]))
     ax.imshow(overlay)
     ax.axis("off")
     present = np.unique(pred)
-    ax.legend(handles=[plt.Rectangle((0, 0), 1, 1, color=palette(len(vocab))[c]) for c in present],
+    ax.legend(handles=legend_handles([vocab[c] for c in present], colours[present]),
               labels=[vocab[c] for c in present], loc="upper right", fontsize=9)
     stem = Path(image_path).stem
     written = [Path(out_dir) / f"{stem}_overlay.png"]

@@ -1,4 +1,5 @@
 """eval.py's metrics against hand-computed confusion matrices."""
+import numpy as np
 import pytest
 import torch
 
@@ -69,3 +70,25 @@ def test_coco_box_map_by_hand():
                 "APm": -1.0, "APl": class1}
     got = coco_case(found)
     assert got == pytest.approx(expected, abs=1e-6)
+
+
+def test_toy_shape_classes_are_drawn_in_their_own_colours():
+    """predictions.png: a reader maps a region to its object by colour (a blue square is blue, not a palette red), the
+    three shapes of a colour are told apart by shade and by the legend's marker; other names keep the palette."""
+    import data
+    names = [*data.TOY_SEGMENTATION_CLASSES, "cat"]
+    colours = evaluation.class_colours(names)
+    assert colours.shape == (len(names), 3)
+    for k, name in enumerate(data.SHAPE_CLASSES):
+        own, drawn = np.asarray(data.COLOURS[name.split()[0]]), colours[k]
+        assert (drawn - drawn.mean()) @ (own - own.mean()) > 0, name  # the same hue, lighter or darker
+    for colour in data.COLOURS:  # square, circle, triangle of one colour: three different shades
+        shades = {tuple(colours[names.index(f"{colour} {s}")].round(3)) for s in data.SHAPES}
+        assert len(shades) == 3, colour
+    assert tuple(colours[names.index("cat")]) == tuple(evaluation.palette(len(names))[names.index("cat")])
+    markers = [h.get_marker() for h in evaluation.legend_handles(["red square", "red circle", "green triangle"],
+                                                                colours[:3])]
+    assert markers == ["s", "o", "^"]
+    label = torch.tensor([[names.index("blue square"), 255]])
+    rgb = evaluation.colourise(label, len(names), colours)
+    assert tuple(rgb[0, 0]) == tuple(colours[names.index("blue square")]) and tuple(rgb[0, 1]) == (0, 0, 0)
