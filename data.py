@@ -146,8 +146,9 @@ TOY_SEGMENTATION_CLASSES = [*SHAPE_CLASSES, BACKGROUND]
 UNSEEN_SHAPE_CLASSES = ("red circle", "green triangle", "blue square", "yellow circle")
 
 
-def render_shapes(rng, size, num_objects):
-    """Draw `num_objects` colour x shape objects on a dark noisy background.
+def render_shapes(rng, size, num_objects, radius=(1 / 7, 1 / 3.5)):
+    """Draw `num_objects` colour x shape objects on a dark noisy background, each of radius uniform in `radius` x size
+    (an object that finds no free place in 30 tries is left out).
 
     Returns image float32 (3, size, size) in [0, 1], label int64 (size, size) with indices into
     TOY_SEGMENTATION_CLASSES (the background is 12, "background"), and the list of object classes drawn, front-most
@@ -160,7 +161,7 @@ def render_shapes(rng, size, num_objects):
     placed, drawn = [], []
     for _ in range(num_objects):
         for _try in range(30):
-            r = rng.uniform(S / 9, S / 4.5)
+            r = rng.uniform(radius[0] * S, radius[1] * S)
             y, x = rng.uniform(r, S - r, 2)
             if all(np.hypot(y - py, x - px) > 0.8 * (r + pr) for py, px, pr in placed):
                 break
@@ -209,20 +210,26 @@ class ToyShapes(Dataset):
 
     def __getitem__(self, index):
         rng = _rng(self.seed, self.split, index)
-        image, label, _ = render_shapes(rng, self.size, rng.integers(2, 5))
+        # 1-3 objects of radius S/7 to S/3.5: at SAN's clip_resolution 0.5 one spans 2.3 to 4.6 of CLIP's 8 px patches
+        # (with the first toy's 2-4 objects of radius S/9 to S/4.5, about 2 x 2: CLIP often got the shape wrong there).
+        image, label, _ = render_shapes(rng, self.size, rng.integers(1, 4))
         return {"image": image, "label": self.lut[label]}
 
 
 class ToyShapesCaptions(Dataset):
-    """Captioned images of 1-2 shapes of ALL 12 classes: the 'web' the toy CLIP is pre-trained on.
+    """Captioned images of 1-3 shapes of ALL 12 classes: the 'web' the toy CLIP is pre-trained on.
 
     Like real CLIP before SAN ever saw COCO, the toy CLIP sees every colour x shape combination with words, so a
     class unseen by segmentation training is still one CLIP can name. One image in 13 holds no object and is
-    captioned as the "background", the stuff class of the segmentation toys.
+    captioned as the "background", the stuff class of the segmentation toys. Objects come at every scale the
+    segmenters show CLIP (`RADIUS`, a fraction of the side): small, as in SAN's half-resolution scenes (radius 9-18 px
+    of 64), up to filling the image, as in zsseg's crops of one mask resized to CLIP's input; the caption names each
+    object drawn, in random order.
     """
 
     TEMPLATES = ("a photo of a {}.", "a {}.", "there is a {} in the scene.", "a picture of a {}.", "{}")
     class_names, seen_classes = SHAPE_CLASSES, None  # what zero-shot classification is scored on
+    RADIUS = (1 / 9, 1 / 2.2)  # object radius range, x size (render_shapes drops what does not fit)
 
     def __init__(self, split="train", size=64, length=None, seed=0):
         self.split, self.size, self.seed = split, size, seed
@@ -237,10 +244,9 @@ class ToyShapesCaptions(Dataset):
             image, _, _ = render_shapes(rng, self.size, 0)
             template = self.TEMPLATES[rng.integers(len(self.TEMPLATES))]
             return {"image": image, "caption": template.format(BACKGROUND), "classes": []}
-        image, _, drawn = render_shapes(rng, self.size, rng.integers(1, 3))
-        names = [SHAPE_CLASSES[k] for k in dict.fromkeys(drawn)]  # distinct, in drawing order
-        if len(names) > 1 and rng.random() < 0.5:
-            names = names[::-1]
+        image, _, drawn = render_shapes(rng, self.size, rng.integers(1, 4), self.RADIUS)
+        names = [SHAPE_CLASSES[k] for k in dict.fromkeys(drawn)]  # distinct
+        names = [names[i] for i in rng.permutation(len(names))]  # in random order
         template = self.TEMPLATES[rng.integers(len(self.TEMPLATES))]
         return {"image": image, "caption": template.format(" and a ".join(names)), "classes": drawn}
 
