@@ -243,12 +243,27 @@ class ToyShapesCaptions(Dataset):
         if self.split == "train" and rng.random() < 1 / 13:  # an empty scene (val: objects only, for zero-shot acc)
             image, _, _ = render_shapes(rng, self.size, 0)
             template = self.TEMPLATES[rng.integers(len(self.TEMPLATES))]
-            return {"image": image, "caption": template.format(BACKGROUND), "classes": []}
+            return {"image": image, "caption": template.format(BACKGROUND), "classes": [], "negative": ""}
         image, _, drawn = render_shapes(rng, self.size, rng.integers(1, 4), self.RADIUS)
         names = [SHAPE_CLASSES[k] for k in dict.fromkeys(drawn)]  # distinct
         names = [names[i] for i in rng.permutation(len(names))]  # in random order
         template = self.TEMPLATES[rng.integers(len(self.TEMPLATES))]
-        return {"image": image, "caption": template.format(" and a ".join(names)), "classes": drawn}
+        return {"image": image, "caption": template.format(" and a ".join(names)), "classes": drawn,
+                "negative": template.format(" and a ".join(swap_attributes(names))) if swap_attributes(names) else ""}
+
+
+def swap_attributes(names):
+    """The caption's names with the shapes of its first two objects of different colours and shapes swapped ("red
+    square", "blue circle" -> "red circle", "blue square"): a hard negative, the same words bound differently (NegCLIP,
+    Yuksekgonul et al., ICLR 2023). None when no two objects differ in both."""
+    parts = [n.split() for n in names]
+    for i in range(len(parts)):
+        for j in range(i + 1, len(parts)):
+            if parts[i][0] != parts[j][0] and parts[i][1] != parts[j][1]:
+                swapped = [list(p) for p in parts]
+                swapped[i][1], swapped[j][1] = parts[j][1], parts[i][1]
+                return [" ".join(p) for p in swapped]
+    return None
 
 
 # Pose transfer (PATN): 18 COCO-order keypoints as OpenPose writes them, (y, x) rows and columns, -1 = not detected.

@@ -25,8 +25,10 @@ File map:
 Differences from the paper: a 6-block ViT (width 128, patch 8, 64 x 64 images -> 8 x 8 grid) and a 4-block text
 transformer with a 24-token context instead of ViT-B/16 and 77 tokens; nn.GELU instead of OpenAI's QuickGELU; the real
 CLIP BPE tokenizer (49408 tokens, shipped inside open_clip, so no download); no augmentation; identical captions in a
-batch (12 classes!) are still counted as negatives by the InfoNCE loss, as in CLIP. Images are normalised with
-OpenAI's mean/std, which is what open_clip's default preprocessing of the exported model expects.
+batch (12 classes!) are still counted as negatives by the InfoNCE loss, as in CLIP. `hard_negatives` (off) adds
+NegCLIP's swapped captions (Yuksekgonul et al., ICLR 2023: the same words, the shapes of two objects swapped) as texts
+no image matches; tried for SAN's multi-object scenes, it did not help there (README, SAN section). Images are
+normalised with OpenAI's mean/std, which is what open_clip's default preprocessing of the exported model expects.
 
 Using the exported model (what san.py does, with no import of this file):
     open_clip.add_model_config("out/toy_clip.json")
@@ -66,6 +68,7 @@ class Config:
     text_width: int = 128  # text transformer width
     text_layers: int = 4  # text transformer blocks
     text_heads: int = 4  # text attention heads
+    hard_negatives: bool = False  # NegCLIP: also contrast each image with its caption, shapes of two objects swapped
     context_length: int = 24  # L, tokens per caption incl. start/end (the longest toy caption, 3 names, has 19)
     vocab_size: int = 49408  # the real CLIP BPE vocabulary (open_clip's SimpleTokenizer)
     # optimisation
@@ -141,7 +144,15 @@ class ToyCLIP(nn.Module):
         text_features = self.encode_text(batch["caption"])  # (B, D)
         logit_scale = self.clip.logit_scale.exp()  # 1 / temperature, learnable
         # PAPER: logits = exp(t) * I_e @ T_e^T; loss = (CE(logits, arange) + CE(logits^T, arange)) / 2
-        loss = self.loss(image_features.float(), text_features.float(), logit_scale)
+        negatives = [n for n in batch.get("negative", []) if n] if self.cfg.hard_negatives else []
+        if negatives:  # NegCLIP: the swapped captions are extra texts that no image matches (local batch only)
+            texts = torch.cat([text_features, self.encode_text(negatives)]).float()  # (B + N, D)
+            labels = torch.arange(len(image_features), device=texts.device)
+            loss = (nn.functional.cross_entropy(logit_scale * image_features.float() @ texts.T, labels) +
+                    nn.functional.cross_entropy(logit_scale * text_features.float() @ image_features.float().T,
+                                                labels)) / 2
+        else:
+            loss = self.loss(image_features.float(), text_features.float(), logit_scale)
         return {"loss": loss, "logit_scale": logit_scale.detach()}
 
     @torch.no_grad()

@@ -259,6 +259,19 @@ def test_toy_captions_name_one_to_three_objects_at_the_segmenters_scales():
     assert np.median(areas) > 2 * (128 / 7) ** 2 and max(areas) < 5.6 * (128 / 3.5) ** 2, (np.median(areas), max(areas))
 
 
+def test_toy_caption_hard_negatives_bind_the_same_words_differently():
+    assert data.swap_attributes(["red square", "blue circle"]) == ["red circle", "blue square"]
+    assert data.swap_attributes(["red square", "red circle"]) is None and data.swap_attributes(["red square"]) is None
+    items = [data.ToyShapesCaptions("train", 32)[i] for i in range(80)]
+    with_negative = [it for it in items if it["negative"]]
+    assert len(with_negative) > 10
+    for it in with_negative:
+        words = [sorted(it[k].replace(".", " ").split()) for k in ("negative", "caption")]
+        assert words[0] == words[1] and it["negative"] != it["caption"]
+        names = {data.SHAPE_CLASSES[k] for k in it["classes"]}
+        assert any(n not in names for n in data.SHAPE_CLASSES if n in it["negative"])  # names an absent object
+
+
 def test_render_shapes_radius_range():
     for lo, hi in ((0.1, 0.12), (0.4, 0.45)):
         _, label, drawn = data.render_shapes(np.random.default_rng(0), 64, 1, radius=(lo, hi))

@@ -130,3 +130,19 @@ def test_a_quick_run_classifies_above_chance():
         wrapper.on_step_end(step)
     result = toy_clip.zero_shot_accuracy(wrapper, ToyShapesCaptions("val", cfg.crop_size), num_images=192)
     assert result["top1"] > 2.5 / 12, result["top1"]  # chance: 1 / 12
+
+
+def test_hard_negatives_only_add_texts_that_no_image_matches():
+    """hard_negatives: the swapped captions join the image -> text softmax (the loss can only grow), and a batch
+    without any leaves the plain CLIP loss unchanged."""
+    torch.manual_seed(0)
+    plain = toy_clip.build_model(CFG)
+    negclip = toy_clip.build_model(dataclasses.replace(CFG, hard_negatives=True))
+    negclip.load_state_dict(plain.state_dict())
+    items = [ToyShapesCaptions("train", CFG.crop_size)[i] for i in range(12)]
+    batch = {"image": torch.stack([it["image"] for it in items]), "caption": [it["caption"] for it in items],
+             "negative": [it["negative"] for it in items]}
+    assert any(batch["negative"])
+    assert negclip(batch)["loss"].item() > plain(batch)["loss"].item()
+    no_negatives = {**batch, "negative": [""] * len(items)}
+    torch.testing.assert_close(negclip(no_negatives)["loss"], plain(no_negatives)["loss"])
