@@ -109,14 +109,14 @@ def test_zero_shot_accuracy_reads_single_and_pair_images(wrapper):
 
 
 def test_a_quick_run_classifies_above_chance():
-    """A short pre-training (80 steps at batch 32, about a minute on one core) already names single objects well
-    above chance (1 in 12) on held-out images: the toy data and the contrastive loss teach zero-shot names."""
+    """A short pre-training (30 steps at batch 32, about 20 s on one core: 42% measured) already names single objects
+    well above chance (1 in 12) on held-out images: the toy data and the contrastive loss teach zero-shot names."""
     cfg = dataclasses.replace(CFG, batch_size=32)
     torch.manual_seed(0)
     wrapper = toy_clip.build_model(cfg)
     train = ToyShapesCaptions("train", cfg.crop_size)
     optimizer = torch.optim.AdamW(wrapper.parameters(), lr=cfg.lr, weight_decay=cfg.weight_decay)
-    steps = 80
+    steps = 30
     for step in range(steps):
         items = [train[step * cfg.batch_size + i] for i in range(cfg.batch_size)]
         batch = {"image": torch.stack([it["image"] for it in items]), "caption": [it["caption"] for it in items]}
