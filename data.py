@@ -211,7 +211,7 @@ class ToyShapes(Dataset):
     def __getitem__(self, index):
         rng = _rng(self.seed, self.split, index)
         # 1-3 objects of radius S/7 to S/3.5: at SAN's clip_resolution 0.5 one spans 2.3 to 4.6 of CLIP's 8 px patches
-        # (with the first toy's 2-4 objects of radius S/9 to S/4.5, about 2 x 2: CLIP often got the shape wrong there).
+        # (the first toy's 2-4 objects of radius S/9 to S/4.5 spanned about 2).
         image, label, _ = render_shapes(rng, self.size, rng.integers(1, 4))
         return {"image": image, "label": self.lut[label]}
 
@@ -248,8 +248,9 @@ class ToyShapesCaptions(Dataset):
         names = [SHAPE_CLASSES[k] for k in dict.fromkeys(drawn)]  # distinct
         names = [names[i] for i in rng.permutation(len(names))]  # in random order
         template = self.TEMPLATES[rng.integers(len(self.TEMPLATES))]
+        swapped = swap_attributes(names)  # a hard negative for toy_clip's `hard_negatives`
         return {"image": image, "caption": template.format(" and a ".join(names)), "classes": drawn,
-                "negative": template.format(" and a ".join(swap_attributes(names))) if swap_attributes(names) else ""}
+                "negative": template.format(" and a ".join(swapped)) if swapped else ""}
 
 
 def swap_attributes(names):

@@ -68,12 +68,12 @@ class Config:
     text_width: int = 128  # text transformer width
     text_layers: int = 4  # text transformer blocks
     text_heads: int = 4  # text attention heads
-    hard_negatives: bool = False  # NegCLIP: also contrast each image with its caption, shapes of two objects swapped
     context_length: int = 24  # L, tokens per caption incl. start/end (the longest toy caption, 3 names, has 19)
     vocab_size: int = 49408  # the real CLIP BPE vocabulary (open_clip's SimpleTokenizer)
     # optimisation
     batch_size: int = 64  # (image, caption) pairs per step: the InfoNCE negatives
-    max_iters: int = 600  # training iterations (at batch 64: 400 gave 81% zero-shot, 600 gave 95%)
+    max_iters: int = 600  # training iterations (at batch 64, 600 gave 98.5% zero-shot on single objects)
+    hard_negatives: bool = False  # NegCLIP: also contrast each image with its caption, shapes of two objects swapped
     optimizer: str = "adamw"  # optimiser name
     lr: float = 1e-3  # peak learning rate
     weight_decay: float = 0.1  # AdamW weight decay (CLIP: 0.2)
