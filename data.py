@@ -169,8 +169,9 @@ TOY_SEGMENTATION_CLASSES = [*SHAPE_CLASSES, BACKGROUND]
 UNSEEN_SHAPE_CLASSES = ("red circle", "green triangle", "blue square", "yellow circle")
 
 
-def render_shapes(rng, size, num_objects):
-    """Draw `num_objects` colour x shape objects on a dark noisy background.
+def render_shapes(rng, size, num_objects, radius=(1 / 7, 1 / 3.5)):
+    """Draw `num_objects` colour x shape objects on a dark noisy background, each of radius uniform in `radius` x size
+    (an object that finds no free place in 30 tries is left out).
 
     Returns image float32 (3, size, size) in [0, 1], label int64 (size, size) with indices into
     TOY_SEGMENTATION_CLASSES (the background is 12, "background"), and the list of object classes drawn, front-most
@@ -183,7 +184,7 @@ def render_shapes(rng, size, num_objects):
     placed, drawn = [], []
     for _ in range(num_objects):
         for _try in range(30):
-            r = rng.uniform(S / 9, S / 4.5)
+            r = rng.uniform(radius[0] * S, radius[1] * S)
             y, x = rng.uniform(r, S - r, 2)
             if all(np.hypot(y - py, x - px) > 0.8 * (r + pr) for py, px, pr in placed):
                 break
@@ -232,20 +233,26 @@ class ToyShapes(Dataset):
 
     def __getitem__(self, index):
         rng = _rng(self.seed, self.split, index)
-        image, label, _ = render_shapes(rng, self.size, rng.integers(2, 5))
+        # 1-3 objects of radius S/7 to S/3.5: at SAN's clip_resolution 0.5 one spans 2.3 to 4.6 of CLIP's 8 px patches
+        # (the first toy's 2-4 objects of radius S/9 to S/4.5 spanned about 2).
+        image, label, _ = render_shapes(rng, self.size, rng.integers(1, 4))
         return {"image": image, "label": self.lut[label]}
 
 
 class ToyShapesCaptions(Dataset):
-    """Captioned images of 1-2 shapes of ALL 12 classes: the 'web' the toy CLIP is pre-trained on.
+    """Captioned images of 1-3 shapes of ALL 12 classes: the 'web' the toy CLIP is pre-trained on.
 
     Like real CLIP before SAN ever saw COCO, the toy CLIP sees every colour x shape combination with words, so a
     class unseen by segmentation training is still one CLIP can name. One image in 13 holds no object and is
-    captioned as the "background", the stuff class of the segmentation toys.
+    captioned as the "background", the stuff class of the segmentation toys. Objects come at every scale the
+    segmenters show CLIP (`RADIUS`, a fraction of the side): small, as in SAN's half-resolution scenes (radius 9-18 px
+    of 64), up to filling the image, as in zsseg's crops of one mask resized to CLIP's input; the caption names each
+    object drawn, in random order.
     """
 
     TEMPLATES = ("a photo of a {}.", "a {}.", "there is a {} in the scene.", "a picture of a {}.", "{}")
     class_names, seen_classes = SHAPE_CLASSES, None  # what zero-shot classification is scored on
+    RADIUS = (1 / 9, 1 / 2.2)  # object radius range, x size (render_shapes drops what does not fit)
 
     def __init__(self, split="train", size=64, length=None, seed=0):
         self.split, self.size, self.seed = split, size, seed
@@ -259,13 +266,28 @@ class ToyShapesCaptions(Dataset):
         if self.split == "train" and rng.random() < 1 / 13:  # an empty scene (val: objects only, for zero-shot acc)
             image, _, _ = render_shapes(rng, self.size, 0)
             template = self.TEMPLATES[rng.integers(len(self.TEMPLATES))]
-            return {"image": image, "caption": template.format(BACKGROUND), "classes": []}
-        image, _, drawn = render_shapes(rng, self.size, rng.integers(1, 3))
-        names = [SHAPE_CLASSES[k] for k in dict.fromkeys(drawn)]  # distinct, in drawing order
-        if len(names) > 1 and rng.random() < 0.5:
-            names = names[::-1]
+            return {"image": image, "caption": template.format(BACKGROUND), "classes": [], "negative": ""}
+        image, _, drawn = render_shapes(rng, self.size, rng.integers(1, 4), self.RADIUS)
+        names = [SHAPE_CLASSES[k] for k in dict.fromkeys(drawn)]  # distinct
+        names = [names[i] for i in rng.permutation(len(names))]  # in random order
         template = self.TEMPLATES[rng.integers(len(self.TEMPLATES))]
-        return {"image": image, "caption": template.format(" and a ".join(names)), "classes": drawn}
+        swapped = swap_attributes(names)  # a hard negative for toy_clip's `hard_negatives`
+        return {"image": image, "caption": template.format(" and a ".join(names)), "classes": drawn,
+                "negative": template.format(" and a ".join(swapped)) if swapped else ""}
+
+
+def swap_attributes(names):
+    """The caption's names with the shapes of its first two objects of different colours and shapes swapped ("red
+    square", "blue circle" -> "red circle", "blue square"): a hard negative, the same words bound differently (NegCLIP,
+    Yuksekgonul et al., ICLR 2023). None when no two objects differ in both."""
+    parts = [n.split() for n in names]
+    for i in range(len(parts)):
+        for j in range(i + 1, len(parts)):
+            if parts[i][0] != parts[j][0] and parts[i][1] != parts[j][1]:
+                swapped = [list(p) for p in parts]
+                swapped[i][1], swapped[j][1] = parts[j][1], parts[i][1]
+                return [" ".join(p) for p in swapped]
+    return None
 
 
 # Pose transfer (PATN): 18 COCO-order keypoints as OpenPose writes them, (y, x) rows and columns, -1 = not detected.

@@ -394,9 +394,10 @@ def legend_handles(names, colours):
     triangle), else a plain rectangle."""
     from matplotlib.lines import Line2D
     plt = _pyplot()
-    return [Line2D([], [], ls="", marker=SHAPE_MARKERS[n.partition(" ")[2]], markersize=8, color=c, markeredgecolor="k",
-                   markeredgewidth=0.5) if n.partition(" ")[2] in SHAPE_MARKERS else plt.Rectangle((0, 0), 1, 1, color=c)
-            for n, c in zip(names, colours)]
+    shapes = [n.partition(" ")[2] for n in names]
+    return [Line2D([], [], ls="", marker=SHAPE_MARKERS[s], markersize=8, color=c, markeredgecolor="k",
+                   markeredgewidth=0.5) if s in SHAPE_MARKERS else plt.Rectangle((0, 0), 1, 1, color=c)
+            for s, c in zip(shapes, colours)]
 
 
 def _pyplot():

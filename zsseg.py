@@ -147,7 +147,7 @@ PRESETS = {
         train_dataset="toy_shapes_seen", eval_datasets=("toy_shapes",), num_classes=9, class_names=TOY_SEEN_CLASSES,
         crop_size=128, base_size=128, scale_range=(1.0, 1.0),
         clip_model="runs/toy_clip/toy_clip.json", clip_pretrained="runs/toy_clip/toy_clip.pt", clip_quick_gelu=False,
-        clip_trained_by="toy_clip", prompt_ctx=4, prompt_iters=100,  # the toy CLIP's context is 16 tokens
+        clip_trained_by="toy_clip", prompt_ctx=4, prompt_iters=100,  # the toy CLIP's context is 24 tokens
         backbone="resnet10", backbone_weights="none", conv_dim=64, mask_dim=64, hidden_dim=64, num_queries=16,
         nheads=4, dim_feedforward=256, embed_hidden_dim=128, batch_size=8, max_iters=600, lr=1e-3,
         backbone_multiplier=1.0, eval_interval=600, log_interval=50, ckpt_interval=300, num_workers=2),

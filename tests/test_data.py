@@ -1,4 +1,5 @@
 """data.py: the synthetic datasets, and the real loaders against tiny fixture folders in the exact real layouts."""
+import math
 from types import SimpleNamespace
 
 import numpy as np
@@ -239,6 +240,43 @@ def test_toy_captions_name_the_background_of_empty_scenes_only():
     assert 2 <= len(empty) <= 20 and all("background" in item["caption"] for item in empty)
     assert not any("background" in item["caption"] for item in train if item["classes"])
     assert all(data.ToyShapesCaptions("val", 32)[i]["classes"] for i in range(50))  # zero-shot val: objects only
+
+
+def test_toy_captions_name_one_to_three_objects_at_the_segmenters_scales():
+    ds = data.ToyShapesCaptions("train", 64)
+    items = [ds[i] for i in range(240)]
+    assert {len(it["classes"]) for it in items} == {0, 1, 2, 3}
+    for it in items:
+        names = [data.SHAPE_CLASSES[k] for k in dict.fromkeys(it["classes"])]
+        assert all(n in it["caption"] for n in names) and it["caption"].count(" and a ") == max(len(names) - 1, 0)
+    # object pixels (bright; the background is dark grey): from small objects, as SAN's half-resolution scenes show
+    # them to CLIP, to one filling most of the image, as zsseg's crop of one mask does
+    covered = [(it["image"].max(0).values > 0.45).float().mean().item() for it in items if len(it["classes"]) == 1]
+    assert min(covered) < 0.1 and max(covered) > 0.4, (min(covered), max(covered))
+    scene = data.ToyShapes("val", 128)  # the segmentation toy: objects of radius 128/7 to 128/3.5 px
+    areas = [(scene[i]["label"] == k).sum().item() for i in range(30) for k in scene[i]["label"].unique() if k < 12]
+    # a triangle of radius r covers 1.3 r^2, a circle 3.1 r^2, a square 5.5 r^2 (a front object may hide part of one)
+    assert np.median(areas) > 2 * (128 / 7) ** 2 and max(areas) < 5.6 * (128 / 3.5) ** 2, (np.median(areas), max(areas))
+
+
+def test_toy_caption_hard_negatives_bind_the_same_words_differently():
+    assert data.swap_attributes(["red square", "blue circle"]) == ["red circle", "blue square"]
+    assert data.swap_attributes(["red square", "red circle"]) is None and data.swap_attributes(["red square"]) is None
+    items = [data.ToyShapesCaptions("train", 32)[i] for i in range(80)]
+    with_negative = [it for it in items if it["negative"]]
+    assert len(with_negative) > 10
+    for it in with_negative:
+        words = [sorted(it[k].replace(".", " ").split()) for k in ("negative", "caption")]
+        assert words[0] == words[1] and it["negative"] != it["caption"]
+        names = {data.SHAPE_CLASSES[k] for k in it["classes"]}
+        assert any(n not in names for n in data.SHAPE_CLASSES if n in it["negative"])  # names an absent object
+
+
+def test_render_shapes_radius_range():
+    for lo, hi in ((0.1, 0.12), (0.4, 0.45)):
+        _, label, drawn = data.render_shapes(np.random.default_rng(0), 64, 1, radius=(lo, hi))
+        area = (label == drawn[0]).sum().item()  # a triangle (1.3 r^2), circle (3.1 r^2) or square (5.5 r^2)
+        assert 1.2 * (lo * 64) ** 2 < area < 5.6 * (hi * 64) ** 2, (lo, area)
 
 
 def test_toy_context_objects_follow_the_cue_colour():

@@ -52,7 +52,7 @@ def test_logit_scale_is_clamped_at_100(wrapper):
 
 def test_every_toy_caption_fits_the_context():
     tokenizer = open_clip.SimpleTokenizer(context_length=CFG.context_length)
-    longest = max((t.format(" and a ".join([n, n])) for t in ToyShapesCaptions.TEMPLATES for n in SHAPE_CLASSES), key=len)
+    longest = max((t.format(" and a ".join([n] * 3)) for t in ToyShapesCaptions.TEMPLATES for n in SHAPE_CLASSES), key=len)
     tokens = tokenizer([longest])[0]
     assert tokens.shape == (CFG.context_length,) and (tokens == tokenizer.eot_token_id).any()  # not truncated
 
@@ -89,7 +89,7 @@ def test_export_round_trip_through_open_clip(wrapper, tmp_path):
     clip = open_clip.create_model("toy_clip", pretrained=pt_path).eval()  # strict load
     tokenizer = open_clip.get_tokenizer("toy_clip")
     wrapper.eval()
-    assert torch.equal(tokenizer(CAPTIONS), wrapper.tokenizer(CAPTIONS)) and tokenizer(CAPTIONS).shape[1] == 16
+    assert torch.equal(tokenizer(CAPTIONS), wrapper.tokenizer(CAPTIONS)) and tokenizer(CAPTIONS).shape[1] == CFG.context_length
     mean, std = (torch.tensor(v).view(1, 3, 1, 1) for v in (clip.visual.preprocess_cfg["mean"], clip.visual.preprocess_cfg["std"]))
     images = torch.rand(3, 3, CFG.crop_size, CFG.crop_size)
     with torch.no_grad():
@@ -106,3 +106,43 @@ def test_zero_shot_accuracy_reads_single_and_pair_images(wrapper):
     assert set(result["per_class"]) == {"red square", "green square", "green triangle"}  # [3, 3] counts as single
     assert 0 <= result["top1"] <= 1 and 0 <= result["pair_top2"] <= 1
     assert wrapper.training  # restored
+
+
+def test_a_quick_run_classifies_above_chance():
+    """A short pre-training (30 steps at batch 32, about 20 s on one core: 42% measured) already names single objects
+    well above chance (1 in 12) on held-out images: the toy data and the contrastive loss teach zero-shot names."""
+    cfg = dataclasses.replace(CFG, batch_size=32)
+    torch.manual_seed(0)
+    wrapper = toy_clip.build_model(cfg)
+    train = ToyShapesCaptions("train", cfg.crop_size)
+    optimizer = torch.optim.AdamW(wrapper.parameters(), lr=cfg.lr, weight_decay=cfg.weight_decay)
+    steps = 30
+    for step in range(steps):
+        items = [train[step * cfg.batch_size + i] for i in range(cfg.batch_size)]
+        batch = {"image": torch.stack([it["image"] for it in items]), "caption": [it["caption"] for it in items]}
+        for group in optimizer.param_groups:
+            group["lr"] = cfg.lr * min(1.0, (step + 1) / 20)
+        loss = wrapper(batch, step)["loss"]
+        optimizer.zero_grad()
+        loss.backward()
+        torch.nn.utils.clip_grad_norm_(wrapper.parameters(), cfg.grad_clip)
+        optimizer.step()
+        wrapper.on_step_end(step)
+    result = toy_clip.zero_shot_accuracy(wrapper, ToyShapesCaptions("val", cfg.crop_size), num_images=192)
+    assert result["top1"] > 2.5 / 12, result["top1"]  # chance: 1 / 12
+
+
+def test_hard_negatives_only_add_texts_that_no_image_matches():
+    """hard_negatives: the swapped captions join the image -> text softmax (the loss can only grow), and a batch
+    without any leaves the plain CLIP loss unchanged."""
+    torch.manual_seed(0)
+    plain = toy_clip.build_model(CFG)
+    negclip = toy_clip.build_model(dataclasses.replace(CFG, hard_negatives=True))
+    negclip.load_state_dict(plain.state_dict())
+    items = [ToyShapesCaptions("train", CFG.crop_size)[i] for i in range(12)]
+    batch = {"image": torch.stack([it["image"] for it in items]), "caption": [it["caption"] for it in items],
+             "negative": [it["negative"] for it in items]}
+    assert any(batch["negative"])
+    assert negclip(batch)["loss"].item() > plain(batch)["loss"].item()
+    no_negatives = {**batch, "negative": [""] * len(items)}
+    torch.testing.assert_close(negclip(no_negatives)["loss"], plain(no_negatives)["loss"])
