@@ -491,22 +491,29 @@ class ToyObjects(Dataset):
     a label per image, as ImageNet gives. Image `index` comes from its own stream ([seed, 10 + split, index]), which no
     ToyDetection image (stream [seed, 0 or 1, index]) shares: no detection image, labelled, unlabelled or evaluated,
     is ever drawn here. Items: {"image": float32 (3, S, S) in [0, 1], "label": int64 () in 0..9}.
+
+    Like ImageNet, the training split is a fixed set of `length` images read for many epochs: each image is drawn
+    once, kept in memory as 8 bits per channel (as a PNG holds it), and read back from there (cache=True; drawing
+    costs ~2 ms an image, a small CNN's step on it far less). With flip=True a read is mirrored left-right with
+    probability 1/2 (ImageNet training's flip), drawn from torch's generator, which train.py seeds per sample.
     """
 
     class_names = list(OBJECT_SHAPES)
     radius = (0.2, 0.4)  # object radius range, relative to the image side (log-uniform)
     shift = 0.15  # the object's centre: the image centre moved by up to this fraction of the side on each axis
 
-    def __init__(self, split="train", size=64, length=None, seed=0):
+    def __init__(self, split="train", size=64, length=None, seed=0, cache=False, flip=False):
         if split not in ("train", "val"):
             raise ValueError(f"split must be 'train' or 'val', got {split!r}")
-        self.split, self.size, self.seed = split, size, seed
+        self.split, self.size, self.seed, self.flip = split, size, seed, flip
         self.length = length or (1_000_000 if split == "train" else 512)
+        self.cache = {} if cache else None  # index -> (uint8 (3, S, S) image, label)
 
     def __len__(self):
         return self.length
 
-    def __getitem__(self, index):
+    def draw(self, index):
+        """The image `index` of the stream: float32 (3, S, S) in [0, 1] and its class."""
         rng = np.random.default_rng([self.seed, 10 + (self.split == "val"), index])
         S = self.size
         image = cluttered_background(rng, S)
@@ -517,7 +524,20 @@ class ToyObjects(Dataset):
         image[:, mask] = rng.uniform(0.05, 1.0, 3)[:, None] * _noise_texture(rng, S, 1.0, 0.1)[mask][None]
         for _ in range(rng.integers(0, 3)):  # stripes in front of the object, as in ToyDetection
             image[:, _stripe(rng, S)] = rng.uniform(0.1, 0.95, 3)[:, None]
-        return {"image": torch.from_numpy(np.clip(image, 0, 1).astype(np.float32)), "label": torch.tensor(k)}
+        return torch.from_numpy(np.clip(image, 0, 1).astype(np.float32)), int(k)
+
+    def __getitem__(self, index):
+        if self.cache is None:
+            image, k = self.draw(index)
+        else:
+            if index not in self.cache:
+                image, k = self.draw(index)
+                self.cache[index] = ((image * 255).round().to(torch.uint8), k)
+            image, k = self.cache[index]
+            image = image.float() / 255
+        if self.flip and torch.rand(()) < 0.5:
+            image = image.flip(-1)
+        return {"image": image, "label": torch.tensor(k)}
 
 
 class ToyDetection(Dataset):
@@ -1298,7 +1318,8 @@ def build_dataset(name, split, cfg):
         "toy_shapes_seen": lambda: ToyShapes(split, cfg.crop_size, "seen", seed=seed),
         "toy_shapes_captions": lambda: ToyShapesCaptions(split, cfg.crop_size, seed=seed),
         "toy_objects": lambda: ToyObjects(split, cfg.crop_size, getattr(cfg, "eval_images", None) if split == "val"
-                                          else None, seed=seed),
+                                          else getattr(cfg, "train_images", None), seed=seed, cache=split == "train",
+                                          flip=split == "train"),
     }
     if name == "toy_people":
         return ToyPeople(split, tuple(cfg.image_size), cfg.heatmap_sigma, seed=seed,

@@ -41,6 +41,32 @@ def test_objects_come_from_their_own_stream_and_hold_more_classes_than_detection
     assert not torch.equal(data.ToyObjects("val", 48)[3]["image"], item["image"])
 
 
+def test_the_training_set_is_drawn_once_kept_in_8_bits_and_flipped_by_the_seeded_generator():
+    drawn = data.ToyObjects("train", 48, length=4)
+    kept = data.ToyObjects("train", 48, length=4, cache=True)
+    first = kept[2]
+    assert list(kept.cache) == [2] and kept.cache[2][0].dtype == torch.uint8
+    assert (first["image"] - drawn[2]["image"]).abs().max() <= 0.5 / 255 + 1e-6  # the same image, in 8 bits
+    assert first["label"] == drawn[2]["label"]
+    kept.draw = None  # a second read must not draw again
+    assert torch.equal(kept[2]["image"], first["image"])
+    flipped = data.ToyObjects("train", 48, length=4, flip=True)
+    reads = []
+    for seed in range(8):  # train.py's SeededItems seeds torch per sample position
+        torch.manual_seed(seed)
+        reads.append(flipped[1]["image"])
+    plain = drawn[1]["image"]
+    assert all(torch.equal(r, plain) or torch.equal(r, plain.flip(-1)) for r in reads)
+    assert any(torch.equal(r, plain) for r in reads) and any(torch.equal(r, plain.flip(-1)) for r in reads)
+    torch.manual_seed(3)
+    again = flipped[1]["image"]
+    assert torch.equal(again, reads[3])
+    train_set = data.build_dataset("toy_objects", "train", CFG)
+    assert len(train_set) == CFG.train_images and train_set.cache == {} and train_set.flip
+    val_set = data.build_dataset("toy_objects", "val", CFG)
+    assert len(val_set) == CFG.eval_images and val_set.cache is None and not val_set.flip
+
+
 @pytest.fixture()
 def exported(tmp_path):
     torch.manual_seed(0)
