@@ -130,7 +130,7 @@ PRESETS = {
     "paper_full": Config(train_dataset="coco_detection_semi_full", num_unsup=1, batch_size=32, unsup_weight=2.0,
                          max_iters=720_000, lr_steps=(480_000, 640_000), warmup_ratio=0.001),
 }
-# The toy: 5 shape classes on cluttered 128 px images (data.ToyDetection), 4 labelled images (about 10-15 boxes: the
+# The toy: 5 shape classes on cluttered 128 px images (data.ToyDetection), 4 labelled images (9-15 boxes on seeds 0-1: the
 # paper's 1% regime, where unlabelled images matter most), the rest unlabelled; a small CNN + FPN whose body is
 # pre-trained on a toy ImageNet (toy_backbone.py, trained first by train.py when the file is missing), first stage
 # frozen as mmdet's frozen_stages=1; anchors 4 x stride; a teacher momentum of 0.99 because the toy runs 1/100 of the
