@@ -130,14 +130,14 @@ PRESETS = {
     "paper_full": Config(train_dataset="coco_detection_semi_full", num_unsup=1, batch_size=32, unsup_weight=2.0,
                          max_iters=720_000, lr_steps=(480_000, 640_000), warmup_ratio=0.001),
 }
-# The toy: 5 shape classes on cluttered 128 px images (data.ToyDetection), 4 labelled images (9-15 boxes on seeds 0-1: the
-# paper's 1% regime, where unlabelled images matter most), the rest unlabelled; a small CNN + FPN whose body is
-# pre-trained on a toy ImageNet (toy_backbone.py, trained first by train.py when the file is missing), first stage
-# frozen as mmdet's frozen_stages=1; anchors 4 x stride; a teacher momentum of 0.99 because the toy runs 1/100 of the
-# paper's iterations (0.999 would keep the teacher a running average of the whole run); and 800 labelled-only
+# The toy: 5 shape classes on cluttered 128 px images (data.ToyDetection), 4 labelled images (9 boxes on seed 0, 15 on
+# seed 1: the paper's 1% regime, where unlabelled images matter most), the rest unlabelled; a small CNN + FPN whose
+# body is pre-trained on a toy ImageNet (toy_backbone.py, trained first by train.py when the file is missing), first
+# stage frozen as mmdet's frozen_stages=1; anchors 4 x stride; a teacher momentum of 0.99 because the toy runs 1/100
+# of the paper's iterations (0.999 would keep the teacher a running average of the whole run); and 800 labelled-only
 # iterations before L_u joins (official: 0): the pseudo boxes need a teacher that scores objects above 0.9, which the
-# toy's needs about that long to become (measured, docs/soft_teacher.md: with L_u from step 0 the student learns
-# for hundreds of iterations that every unlabelled object is background and falls behind labelled-only training).
+# toy's needs about that long to become (measured, docs/soft_teacher.md: with L_u from step 0 the student learns for
+# hundreds of iterations that every unlabelled object is background and falls behind labelled-only training).
 PRESETS["toy"] = replace(
     Config(), train_dataset="toy_detection_semi", eval_datasets=("toy_detection",), num_classes=5, image_size=128,
     num_labelled=4, train_scales=(96, 160), max_size=320, test_size=128, backbone="toy",
