@@ -5,6 +5,7 @@
     python bench.py --model ann --size 96x96 --with-fusion       # whole blocks, with the concat + fusion conv
     python bench.py --model ann --toy-table runs/ann_none runs/ann_nl runs/ann_apnb
     python bench.py --model san                                  # SAN's trainable parameters, 640 px inference
+    python bench.py --model san --clip-probe                     # how well the toy CLIP names one object of a scene
     python bench.py --model pose_transfer                        # PATN generator: 41.37M, time/memory per image
     python bench.py --model zsseg                                # zsseg vs SAN at 640 px, ViT-B/16 (paper: up to 19x)
     python bench.py --model zsseg --compare                      # SAN and zsseg toys side by side (trained if missing)
@@ -267,6 +268,18 @@ def bench_san(args):
     time. The text embeddings of the 171 COCO-Stuff names are cached before measuring, as SAN caches them (random:
     random_text_cache)."""
     import san
+    if args.clip_probe:
+        if not Path(args.clip_probe, "toy_clip.pt").is_file():
+            raise FileNotFoundError(f"no toy CLIP in {args.clip_probe}/ (toy_clip.json, toy_clip.pt): train one with "
+                                    f"python train.py --model toy_clip --out {args.clip_probe}")
+        counts = clip_region_probe(args.clip_probe, n=args.images or 200)
+        print(f"{args.clip_probe}: objects of toy_shapes val scenes named by CLIP's recognition blocks with the "
+              f"ground-truth mask as attention bias (a perfect side network)")
+        print("| objects in the scene | objects | named right in the scene | named right alone |")
+        print("|---|---|---|---|")
+        for key, (total, scene, alone) in counts.items():
+            print(f"| {key} | {total} | {100 * scene / total:.1f}% | {100 * alone / total:.1f}% |")
+        return counts
     device = torch.device(args.device)
     vocab = [n.strip() for n in (Path(__file__).parent / "class_names" / "coco_stuff_171.txt").open()]
     h, w = map(int, (args.size if args.size != "128x256" else "640x640").lower().split("x"))
@@ -287,6 +300,53 @@ def bench_san(args):
         print(f"| {preset} | {cfg.clip_model} | {trainable / 1e6:.2f}M (official log {official}) | {total / 1e6:.1f}M "
               f"| {r['gflops']:.1f} | {r['peak_mib']:.0f} | {r['ms']:.0f} |")
         wrapper = None  # freed before the next model is built
+
+
+@torch.no_grad()
+def clip_region_probe(clip_dir, n=200, seed=0):
+    """The ceiling that a frozen CLIP sets for SAN on the toy: each object of n `toy_shapes` val scenes is named by
+    san.recognize with the attention bias of a perfect side network (0 on the CLIP patches its ground-truth mask
+    covers for at least a quarter, -100 elsewhere), once in its scene and once alone (the other objects' pixels
+    replaced by background pixels of the same image). Returns {objects per scene: (count, right in scene, right
+    alone)}, with "all" for every object."""
+    import open_clip
+    import data
+    import san
+    cfg = replace(san.PRESETS["toy"], clip_model=f"{clip_dir}/toy_clip.json", clip_pretrained=f"{clip_dir}/toy_clip.pt")
+    clip, tokenizer = san.load_clip(cfg)
+    visual, k = clip.eval().visual, cfg.clip_feature_layers[-1]
+    heads = visual.transformer.resblocks[0].attn.num_heads
+    names = data.SHAPE_CLASSES  # the 12 objects; the label of the background is len(names)
+    text = san.encode_vocabulary(clip, tokenizer, names)  # (12, D)
+    mean = torch.tensor(open_clip.OPENAI_DATASET_MEAN).view(1, 3, 1, 1)
+    std = torch.tensor(open_clip.OPENAI_DATASET_STD).view(1, 3, 1, 1)
+
+    def name_objects(image, masks):  # (1, 3, H, W), (1, Q, H, W) -> Q predicted class indices
+        x = F.interpolate((image - mean) / std, scale_factor=cfg.clip_resolution, mode="bilinear")
+        feats, grid = san.clip_features(visual, x, cfg.clip_feature_layers)
+        cover = F.adaptive_avg_pool2d(masks, grid)  # (1, Q, h', w'): the share of each CLIP patch the mask covers
+        bias = torch.where(cover >= 0.25, 0.0, -100.0)[:, None].expand(-1, heads, -1, -1, -1)  # (1, heads, Q, h', w')
+        return (san.recognize(visual, feats[-1], bias, k, grid)[0] @ text.T).argmax(-1).tolist()
+
+    counts = {}
+    val = data.ToyShapes("val", cfg.crop_size, classes="all", length=n, seed=seed)
+    for i in range(n):
+        item = val[i]
+        image, label = item["image"][None], item["label"]
+        objects = [c for c in label.unique().tolist() if c < len(names)]
+        if not objects:
+            continue
+        masks = torch.stack([(label == c).float() for c in objects])[None]  # (1, Q, H, W)
+        in_scene = name_objects(image, masks)
+        background = image[0][:, label == len(names)]  # (3, P) pixels to paint the other objects with
+        for j, c in enumerate(objects):
+            alone, others = image.clone(), (label < len(names)) & (label != c)
+            alone[0][:, others] = background[:, torch.randint(background.shape[1], (int(others.sum()),))]
+            right_alone = name_objects(alone, masks[:, j:j + 1])[0] == c
+            for key in (len(objects), "all"):
+                total, scene, lone = counts.get(key, (0, 0, 0))
+                counts[key] = (total + 1, scene + (in_scene[j] == c), lone + right_alone)
+    return dict(sorted(counts.items(), key=lambda kv: str(kv[0])))
 
 
 # ----------------------------------------------------------------------------------------------------------------------
@@ -346,7 +406,7 @@ def bench_zsseg(args):
                       f"{' '.join(resume)})")
                 subprocess.run([sys.executable, str(Path(__file__).parent / "train.py"), "--model", model,
                                 "--out", run, *resume], check=True)
-        return compare_runs(*runs, device=torch.device(args.device), n=args.images)
+        return compare_runs(*runs, device=torch.device(args.device), n=args.images or 16)
     import san
     import zsseg
     device = torch.device(args.device)
@@ -431,7 +491,12 @@ def main(argv=None):
     parser.add_argument("--compare", nargs="*", metavar="RUN_DIR",
                         help="zsseg: train.py runs side by side: accuracy, params, speed (default: runs/san and "
                              "runs/zsseg, each trained first with its toy preset if it holds no finished run)")
-    parser.add_argument("--images", type=int, default=16, help="--compare: validation images timed per model")
+    parser.add_argument("--clip-probe", nargs="?", const="runs/toy_clip", metavar="CLIP_DIR",
+                        help="san: name each object of the toy scenes with the ground-truth mask as attention bias, "
+                             "in its scene and alone, with the toy CLIP in CLIP_DIR (default runs/toy_clip)")
+    parser.add_argument("--images", type=int, default=0,
+                        help="--compare: validation images timed per model (default 16); --clip-probe: val scenes "
+                             "(default 200)")
     args = parser.parse_args(argv)
     try:
         return BENCHES[args.model](args)
