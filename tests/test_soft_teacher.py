@@ -185,7 +185,8 @@ def test_supervised_loss_falls_on_a_batch_it_overfits():
 
 
 def run(*args, module="train.py"):
-    cmd = [sys.executable, *(["-m", "torch.distributed.run", "--nproc_per_node=2"] if module == "ddp" else []),
+    ddp = ["-m", "torch.distributed.run", "--standalone", "--nproc_per_node=2"]  # --standalone: a free port
+    cmd = [sys.executable, *(ddp if module == "ddp" else []),
            "train.py" if module == "ddp" else module, *map(str, args)]
     result = subprocess.run(cmd, cwd=REPO, env=ENV, capture_output=True, text=True, timeout=300)
     assert result.returncode == 0, result.stderr[-3000:]

@@ -106,8 +106,8 @@ def test_same_seed_same_losses_and_ddp_matches_one_process(tmp_path):
     a, b = run(["--model", "tiny_seg", "--out", tmp_path / "a"]), run(["--model", "tiny_seg", "--out", tmp_path / "b"])
     assert a.returncode == 0 and b.returncode == 0, a.stderr[-2000:]
     assert losses(tmp_path / "a") == losses(tmp_path / "b")
-    ddp = subprocess.run([sys.executable, "-m", "torch.distributed.run", "--nproc_per_node=2", "train.py",
-                          "--model", "tiny_seg", "--out", tmp_path / "ddp"],
+    ddp = subprocess.run([sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node=2",
+                          "train.py", "--model", "tiny_seg", "--out", tmp_path / "ddp"],
                          cwd=REPO, env=ENV, capture_output=True, text=True, timeout=300)
     assert ddp.returncode == 0, ddp.stderr[-2000:]
     single, double = losses(tmp_path / "a"), losses(tmp_path / "ddp")
@@ -182,8 +182,8 @@ def test_two_optimizers_are_stepped_checkpointed_and_resumed(tmp_path, monkeypat
 def test_two_optimizers_under_ddp_match_one_process(tmp_path):
     one = run(["--model", "tiny_gan", "--out", tmp_path / "one"])
     assert one.returncode == 0, one.stderr[-2000:]
-    ddp = subprocess.run([sys.executable, "-m", "torch.distributed.run", "--nproc_per_node=2", "train.py",
-                          "--model", "tiny_gan", "--out", tmp_path / "ddp"],
+    ddp = subprocess.run([sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node=2",
+                          "train.py", "--model", "tiny_gan", "--out", tmp_path / "ddp"],
                          cwd=REPO, env=ENV, capture_output=True, text=True, timeout=300)
     assert ddp.returncode == 0, ddp.stderr[-2000:]
     read = lambda out: [json.loads(line) for line in (out / "log.jsonl").read_text().splitlines()]  # noqa: E731
