@@ -1,10 +1,14 @@
 """Fixtures shared by the test files."""
 import json
 import math
+import os
 
 import open_clip
 import pytest
 import torch
+
+if os.environ.get("PYTEST_XDIST_WORKER"):  # pytest-xdist's workers share the cores: torch threads split between them
+    torch.set_num_threads(max(1, len(os.sched_getaffinity(0)) // int(os.environ["PYTEST_XDIST_WORKER_COUNT"])))
 
 
 @pytest.fixture(scope="session")
