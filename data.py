@@ -556,8 +556,9 @@ class ToyDetection(Dataset):
     box is left out of the annotations; `shift` = std of a box edge's random shift, relative to the box's width
     (x edges) or height (y edges), so shifted boxes are loose, tight or displaced. Badly drawn boxes, as human
     annotators draw them (after missing and shift, each kept box is one of three kinds): a fraction `loose` is drawn
-    loose, each edge pushed out by U(0.1, 0.35) of the box's width (x) or height (y); a fraction `displaced` is
-    moved whole by U(0.2, 0.4) of its width and height, in a random direction per axis; the rest are as drawn.
+    loose, each edge pushed out by U(0.05, 0.2) of the box's width (x) or height (y), so that it still matches its
+    object at IoU > 0.5 (a careless box, not a wrong one); a fraction `displaced` is moved whole by U(0.2, 0.4) of its
+    width and height, in a random direction per axis (a wrong box: IoU < 0.5); the rest are as drawn.
     Boxes are clipped to the image. The noise of an image is the same every time it is read.
     """
 
@@ -636,7 +637,7 @@ class ToyDetection(Dataset):
         class docstring); each box's kind is drawn independently."""
         kind = torch.from_numpy(rng.random(len(boxes))).float()  # < loose: loose; < loose + displaced: displaced
         wh = (boxes[:, 2:] - boxes[:, :2]).repeat(1, 2)  # (N, 4) w, h, w, h
-        margin = torch.from_numpy(rng.uniform(0.1, 0.35, (len(boxes), 4))).float() * wh * torch.tensor([-1, -1, 1, 1])
+        margin = torch.from_numpy(rng.uniform(0.05, 0.2, (len(boxes), 4))).float() * wh * torch.tensor([-1, -1, 1, 1])
         move = torch.from_numpy(rng.uniform(0.2, 0.4, (len(boxes), 2)) * rng.choice([-1, 1], (len(boxes), 2))).float()
         move = move.repeat(1, 2) * wh  # (N, 4): the same shift for both edges of an axis
         loose = (kind < self.loose)[:, None]
@@ -1259,7 +1260,8 @@ class TwoStream(Dataset):
 def detection_dataset(name, split, cfg):
     """The detection datasets of build_dataset. Config fields read (each optional, default in brackets):
     image_size [160] and eval_images [64] (toy), num_labelled [32] (toy labelled images: indices [0, n) of the
-    training stream, the unlabelled ones follow), box_missing / box_shift / box_loose / box_displaced [0] (toy
+    training stream, the unlabelled ones follow), train_images [0: 100,000] (the fully labelled toy's training set:
+    images [0, n) of the stream, read every epoch), box_missing / box_shift / box_loose / box_displaced [0] (toy
     annotation noise, see ToyDetection), percent [10] and fold [1] (the COCO split file), num_unsup [4] (unlabelled
     images per labelled one), train_scales [(400, 1200)] and max_size [1333] (short-side range and long-side cap of
     the views), sup_views [("sup",)] (the view kinds of a labelled image: one kind gives the view itself, several give
@@ -1281,7 +1283,7 @@ def detection_dataset(name, split, cfg):
         noise = dict(seed=get("seed", 0), missing=get("box_missing", 0.0), shift=get("box_shift", 0.0),
                      loose=get("box_loose", 0.0), displaced=get("box_displaced", 0.0))
         size, n = get("image_size", 160), get("num_labelled", 32)
-        labelled = ToyDetection("train", size, n if semi else None, **noise)
+        labelled = ToyDetection("train", size, n if semi else get("train_images", None), **noise)
         unlabelled = ToyDetection("train", size, seed=get("seed", 0), start=n, annotated=False)
     else:
         root = get("data_root", "datasets")

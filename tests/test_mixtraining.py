@@ -11,6 +11,7 @@ import pytest
 import torch
 
 from torchvision.models.detection.image_list import ImageList
+from torchvision.ops import box_iou
 
 import mixtraining as mt
 
@@ -156,6 +157,7 @@ def test_annotation_noise_removes_and_perturbs_the_fractions_it_says():
                 counts["same"] += 1
             elif (bad[:2] <= box[:2]).all() and (bad[2:] >= box[2:]).all():  # encloses the object: loose
                 counts["loose"] += 1
+                assert box_iou(box[None], bad[None]).item() > 0.5  # loose, yet still the object's box by IoU 0.5
             else:  # moved: at most the clipping changed its size
                 counts["displaced"] += 1
                 assert ((bad[2:] - bad[:2]) <= (box[2:] - box[:2]) + 1e-4).all()
@@ -169,6 +171,18 @@ def test_annotation_noise_removes_and_perturbs_the_fractions_it_says():
         data.ToyDetection("train", size=96, loose=0.7, displaced=0.5)
     cfg = replace(TOY, image_size=96, eval_images=4)
     assert torch.equal(data.build_dataset("toy_detection", "val", cfg)[2]["boxes"], val[2]["boxes"])  # clean
+
+
+def test_toy_training_set_is_the_first_images_of_the_stream_with_their_noise():
+    import data
+    cfg = replace(TOY, image_size=96, train_images=5, sup_views=("sup",))
+    fixed = data.build_dataset("toy_detection", "train", cfg)
+    stream = data.ToyDetection("train", size=96, seed=0, missing=cfg.box_missing, shift=cfg.box_shift,
+                               loose=cfg.box_loose, displaced=cfg.box_displaced)
+    assert len(fixed) == 5
+    assert len(data.build_dataset("toy_detection", "train", replace(cfg, train_images=0))) == 100_000  # the stream
+    assert torch.equal(fixed.dataset[4]["image"], stream[4]["image"])
+    assert torch.equal(fixed.dataset[4]["boxes"], stream[4]["boxes"])  # the same noisy boxes at every epoch
 
 
 def test_train_then_eval_round_trip(tmp_path):
