@@ -575,7 +575,7 @@ class MixTraining(nn.Module):
         super().__init__()
         self.cfg, self.student = cfg, student
         self.teacher = copy.deepcopy(student).requires_grad_(False).eval()  # the official _momentum_update(0.0)
-        self.last_mix = []  # the strong views of the last step, for export()'s drawing
+        self.last_mix = []  # the last 4 strong views (of the last steps), for export()'s drawing
 
     def train(self, mode=True):
         super().train(mode)
@@ -605,7 +605,7 @@ class MixTraining(nn.Module):
         gt_labels = [l + 1 for l in weak["labels"]]  # (N_i,) in 1..K
         detections, feats, views = teacher_detect(self.teacher, images)
         rated = rate_human_boxes(self.teacher, feats, views.image_sizes, list(weak["boxes"]), gt_labels)
-        strong_images, targets, to_weak, self.last_mix = [], [], [], []
+        strong_images, targets, to_weak = [], [], []
         counts = torch.zeros(4)  # pseudo boxes, kept, dropped, replaced human boxes
         for i, image in enumerate(images):
             s_image, s_gt, inside, G = strong_view(image, weak["boxes"][i])
@@ -622,9 +622,9 @@ class MixTraining(nn.Module):
             targets.append({"boxes": boxes, "labels": labels})
             to_weak.append(torch.linalg.inv(G))
             counts += torch.tensor([len(p_boxes), *[(status == s).sum().item() for s in (KEPT, DROPPED, REPLACED)]])
-            if i < 4:
-                self.last_mix.append({"image": s_image.detach().cpu(), "gt": s_gt.cpu(), "status": status.cpu(),
-                                      "pseudo": p_boxes.cpu(), "targets": boxes.cpu()})
+            self.last_mix = self.last_mix[-3:] + [{"image": s_image.detach().cpu(), "gt": s_gt.cpu(),
+                                                   "status": status.cpu(), "pseudo": p_boxes.cpu(),
+                                                   "targets": boxes.cpu()}]
 
         def roi_weights(rois, labels):  # PAPER (Soft Teacher): background RoIs weigh the teacher's p_bg
             return teacher_background_weights(self.teacher, feats, views.image_sizes, rois, labels, to_weak)
@@ -660,9 +660,9 @@ def build_model(cfg, pretrained=True):
 
 
 def export(wrapper, cfg, out):
-    """mixed_targets.png: the strong views of the last training step with the human boxes (green: kept, red dashed:
-    dropped by the rating, orange dotted: replaced by a pseudo box), the pseudo boxes (blue) and the merged targets
-    (white, thin). -> [path] (nothing for SiTraining)."""
+    """mixed_targets.png: the last 4 strong views of training (those of the last steps) with the human boxes (green:
+    kept, red dashed: dropped by the rating, orange dotted: replaced by a pseudo box), the pseudo boxes (blue) and the
+    merged targets (white, thin). -> [path] (nothing for SiTraining)."""
     if not wrapper.last_mix:
         return []
     import matplotlib
@@ -685,8 +685,8 @@ def export(wrapper, cfg, out):
         ax.set_title(f"human kept {counts[0]} / dropped {counts[1]} / replaced {counts[2]}\n"
                      f"pseudo {len(mix['pseudo'])} -> targets {len(mix['targets'])}", fontsize=9)
         ax.axis("off")
-    fig.suptitle("strong views: human boxes kept (green), dropped by the teacher (red dashed), replaced (orange "
-                 "dotted); pseudo boxes (blue); merged targets (white)", fontsize=9)
+    fig.suptitle("strong views: human boxes kept (green), dropped by the teacher (red dashed),\n"
+                 "replaced (orange dotted); pseudo boxes (blue); merged targets (white)", fontsize=9)
     fig.tight_layout()
     path = os.path.join(out, "mixed_targets.png")
     fig.savefig(path, dpi=80)

@@ -136,6 +136,10 @@ def test_one_step_learns_from_both_streams_and_predicts():
     assert all(p.grad is None for p in model.teacher.parameters())
     si = mt.build_model(replace(cfg, mixed=False))
     assert "loss_strong" not in si({"sup": view, "weak": view}, step=0)
+    assert len(model.last_mix) == 2  # the strong views drawn by export(): the last 4, over the last steps
+    with torch.no_grad():
+        model({"sup": view, "weak": view}, step=1), model({"sup": view, "weak": view}, step=2)
+    assert len(model.last_mix) == 4 and model.last_mix[-1]["image"].shape == (3, 128, 96)
     out = model.predict({"image": view["image"]})
     assert [o["boxes"].shape[1] for o in out] == [4, 4] and all((o["labels"] >= 0).all() for o in out)
 
