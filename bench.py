@@ -5,7 +5,7 @@
     python bench.py --model ann --size 96x96 --with-fusion       # whole blocks, with the concat + fusion conv
     python bench.py --model ann --toy-table runs/ann_none runs/ann_nl runs/ann_apnb
     python bench.py --model san                                  # SAN's trainable parameters, 640 px inference
-    python bench.py --model san --clip-probe                     # how well the toy CLIP names one object of a scene
+    python bench.py --model san --clip-probe                     # how well the toy CLIP names each region of a scene
     python bench.py --model pose_transfer                        # PATN generator: 41.37M, time/memory per image
     python bench.py --model zsseg                                # zsseg vs SAN at 640 px, ViT-B/16 (paper: up to 19x)
     python bench.py --model zsseg --compare                      # SAN and zsseg toys side by side (trained if missing)
@@ -272,14 +272,20 @@ def bench_san(args):
         if not Path(args.clip_probe, "toy_clip.pt").is_file():
             raise FileNotFoundError(f"no toy CLIP in {args.clip_probe}/ (toy_clip.json, toy_clip.pt): train one with "
                                     f"python train.py --model toy_clip --out {args.clip_probe}")
-        counts = clip_region_probe(args.clip_probe, n=args.images or 200)
-        print(f"{args.clip_probe}: objects of toy_shapes val scenes named by CLIP's recognition blocks with the "
-              f"ground-truth mask as attention bias (a perfect side network)")
-        print("| objects in the scene | objects | named right in the scene | named right alone |")
-        print("|---|---|---|---|")
-        for key, (total, scene, alone) in counts.items():
-            print(f"| {key} | {total} | {100 * scene / total:.1f}% | {100 * alone / total:.1f}% |")
-        return counts
+        results = clip_region_probe(args.clip_probe, n=args.images or 200)
+        print(f"{args.clip_probe}: the regions of {args.images or 200} toy_shapes val scenes named by CLIP's blocks "
+              f"after block k, with the ground-truth mask as attention bias (a perfect side network); the toy preset "
+              f"recognises after block {san.PRESETS['toy'].clip_feature_layers[-1]}")
+        print("| k | objects | named right in the scene (1 / 2 / 3 objects) | in the scene, all | alone | "
+              "background named right |")
+        print("|---|---|---|---|---|---|")
+        for k, counts in results.items():
+            share = {key: 100 * c[1] / c[0] for key, c in counts.items()}  # right in the scene, %
+            per_size = " / ".join(f"{share[s]:.1f}%" if s in share else "-" for s in (1, 2, 3))
+            total, _, alone = counts["all"]
+            print(f"| {k} | {total} | {per_size} | {share['all']:.1f}% | {100 * alone / total:.1f}% | "
+                  f"{share['background']:.1f}% |")
+        return results
     device = torch.device(args.device)
     vocab = [n.strip() for n in (Path(__file__).parent / "class_names" / "coco_stuff_171.txt").open()]
     h, w = map(int, (args.size if args.size != "128x256" else "640x640").lower().split("x"))
@@ -304,49 +310,60 @@ def bench_san(args):
 
 @torch.no_grad()
 def clip_region_probe(clip_dir, n=200, seed=0):
-    """The ceiling that a frozen CLIP sets for SAN on the toy: each object of n `toy_shapes` val scenes is named by
-    san.recognize with the attention bias of a perfect side network (0 on the CLIP patches its ground-truth mask
-    covers for at least a quarter, -100 elsewhere), once in its scene and once alone (the other objects' pixels
-    replaced by background pixels of the same image). Returns {objects per scene: (count, right in scene, right
-    alone)}, with "all" for every object."""
+    """The ceiling that a frozen CLIP sets for SAN on the toy, at every place SAN could split it into feature extractor
+    (blocks 0..k) and recognition (the blocks after k). Each region of n `toy_shapes` val scenes is named among the 13
+    class names by san.recognize with the attention bias of a perfect side network:
+      - an object: 0 on the CLIP patches its ground-truth mask covers for at least a quarter, -100 elsewhere; once in
+        its scene and once alone (the other objects' pixels replaced by background pixels of the same image);
+      - the background: 0 on the patches it fills entirely, so that no patch holding part of an object is seen.
+    Returns {k: {objects per scene (1, 2, 3, "all"): (count, right in scene, right alone), "background": (count,
+    right)}}, for k from 1 to the last block but one (block numbers from 1, as SAN's: k = 9 in ViT-B/16)."""
     import open_clip
     import data
     import san
     cfg = replace(san.PRESETS["toy"], clip_model=f"{clip_dir}/toy_clip.json", clip_pretrained=f"{clip_dir}/toy_clip.pt")
     clip, tokenizer = san.load_clip(cfg)
-    visual, k = clip.eval().visual, cfg.clip_feature_layers[-1]
-    heads = visual.transformer.resblocks[0].attn.num_heads
-    names = data.SHAPE_CLASSES  # the 12 objects; the label of the background is len(names)
-    text = san.encode_vocabulary(clip, tokenizer, names)  # (12, D)
+    visual = clip.eval().visual
+    heads, blocks = visual.transformer.resblocks[0].attn.num_heads, len(visual.transformer.resblocks)
+    names = data.SHAPE_CLASSES + ["background"]  # the 12 objects, then the background (label 12)
+    background = len(names) - 1
+    text = san.encode_vocabulary(clip, tokenizer, names)  # (13, D)
     mean = torch.tensor(open_clip.OPENAI_DATASET_MEAN).view(1, 3, 1, 1)
     std = torch.tensor(open_clip.OPENAI_DATASET_STD).view(1, 3, 1, 1)
 
-    def name_objects(image, masks):  # (1, 3, H, W), (1, Q, H, W) -> Q predicted class indices
+    def name_regions(image, masks, k, cover_needed):  # (1, 3, H, W), (1, Q, H, W) -> Q predicted class indices
         x = F.interpolate((image - mean) / std, scale_factor=cfg.clip_resolution, mode="bilinear")
-        feats, grid = san.clip_features(visual, x, cfg.clip_feature_layers)
+        feats, grid = san.clip_features(visual, x, (k,))
         cover = F.adaptive_avg_pool2d(masks, grid)  # (1, Q, h', w'): the share of each CLIP patch the mask covers
-        bias = torch.where(cover >= 0.25, 0.0, -100.0)[:, None].expand(-1, heads, -1, -1, -1)  # (1, heads, Q, h', w')
+        bias = torch.where(cover >= cover_needed, 0.0, -100.0)[:, None].expand(-1, heads, -1, -1, -1)
         return (san.recognize(visual, feats[-1], bias, k, grid)[0] @ text.T).argmax(-1).tolist()
 
-    counts = {}
+    results = {}
     val = data.ToyShapes("val", cfg.crop_size, classes="all", length=n, seed=seed)
-    for i in range(n):
-        item = val[i]
-        image, label = item["image"][None], item["label"]
-        objects = [c for c in label.unique().tolist() if c < len(names)]
-        if not objects:
-            continue
-        masks = torch.stack([(label == c).float() for c in objects])[None]  # (1, Q, H, W)
-        in_scene = name_objects(image, masks)
-        background = image[0][:, label == len(names)]  # (3, P) pixels to paint the other objects with
-        for j, c in enumerate(objects):
-            alone, others = image.clone(), (label < len(names)) & (label != c)
-            alone[0][:, others] = background[:, torch.randint(background.shape[1], (int(others.sum()),))]
-            right_alone = name_objects(alone, masks[:, j:j + 1])[0] == c
-            for key in (len(objects), "all"):
-                total, scene, lone = counts.get(key, (0, 0, 0))
-                counts[key] = (total + 1, scene + (in_scene[j] == c), lone + right_alone)
-    return dict(sorted(counts.items(), key=lambda kv: str(kv[0])))
+    for k in range(1, blocks):
+        counts = {}
+        for i in range(n):
+            item = val[i]
+            image, label = item["image"][None], item["label"]
+            objects = [c for c in label.unique().tolist() if c < background]
+            if (label == background).any():
+                right = name_regions(image, (label == background).float()[None, None], k, 1.0)[0] == background
+                total, correct = counts.get("background", (0, 0))
+                counts["background"] = (total + 1, correct + right)
+            if not objects:
+                continue
+            masks = torch.stack([(label == c).float() for c in objects])[None]  # (1, Q, H, W)
+            in_scene = name_regions(image, masks, k, 0.25)
+            pixels = image[0][:, label == background]  # (3, P) pixels to paint the other objects with
+            for j, c in enumerate(objects):
+                alone, others = image.clone(), (label < background) & (label != c)
+                alone[0][:, others] = pixels[:, torch.randint(pixels.shape[1], (int(others.sum()),))]
+                right_alone = name_regions(alone, masks[:, j:j + 1], k, 0.25)[0] == c
+                for key in (len(objects), "all"):
+                    total, scene, lone = counts.get(key, (0, 0, 0))
+                    counts[key] = (total + 1, scene + (in_scene[j] == c), lone + right_alone)
+        results[k] = dict(sorted(counts.items(), key=lambda kv: str(kv[0])))
+    return results
 
 
 # ----------------------------------------------------------------------------------------------------------------------
@@ -492,8 +509,8 @@ def main(argv=None):
                         help="zsseg: train.py runs side by side: accuracy, params, speed (default: runs/san and "
                              "runs/zsseg, each trained first with its toy preset if it holds no finished run)")
     parser.add_argument("--clip-probe", nargs="?", const="runs/toy_clip", metavar="CLIP_DIR",
-                        help="san: name each object of the toy scenes with the ground-truth mask as attention bias, "
-                             "in its scene and alone, with the toy CLIP in CLIP_DIR (default runs/toy_clip)")
+                        help="san: name each region of the toy scenes with the ground-truth mask as attention bias, "
+                             "at every split of the toy CLIP in CLIP_DIR (default runs/toy_clip)")
     parser.add_argument("--images", type=int, default=0,
                         help="--compare: validation images timed per model (default 16); --clip-probe: val scenes "
                              "(default 200)")

@@ -113,6 +113,8 @@ class Config:
     batch_size: int = 32  # global batch
     max_iters: int = 60000  # iterations
     lr: float = 1e-4  # AdamW learning rate
+    clip_lr_multiplier: float = 1.0  # lr of CLIP's trainable part (its positional embedding) = lr x this (official
+    #                                  SOLVER.CLIP_MULTIPLIER)
     weight_decay: float = 1e-4  # AdamW weight decay (0 on pos-embeds, query embeds, LayerNorms)
     schedule: str = "poly"  # lr schedule
     poly_power: float = 0.9  # poly exponent
@@ -137,7 +139,12 @@ PRESETS = {
         train_dataset="toy_shapes_seen", eval_datasets=("toy_shapes",), num_classes=9, class_names=TOY_SEEN_CLASSES,
         crop_size=128, base_size=128, scale_range=(1.0, 1.0),
         clip_model="runs/toy_clip/toy_clip.json", clip_pretrained="runs/toy_clip/toy_clip.pt", clip_quick_gelu=False,
-        clip_trained_by="toy_clip", clip_feature_layers=(0, 1, 2, 3),  # the toy CLIP has 6 blocks: 4-6 recognise
+        clip_trained_by="toy_clip",
+        # Recognition in blocks 2-6 of the toy CLIP's 6 (ViT-B/16: 10-12 of 12). Its patch tokens stay local only in
+        # its first blocks: after block 1 a region's patches show that region, after block 3 the whole scene
+        # (bench.py --clip-probe). The paper sweeps the number of recognition layers.
+        clip_feature_layers=(0, 1),
+        clip_lr_multiplier=0.1,  # CLIP's pos-embed at the paper's lr, 1e-4: the toy's 10x lr is for the side network
         side_width=96, side_depth=4, side_heads=4, side_patch_size=8, side_image_size=128, num_queries=16,
         deep_supervision=(3, 4), decoder_dim=96, num_points=2048, batch_size=8, max_iters=1000, lr=1e-3,
         eval_interval=1000, log_interval=50, ckpt_interval=500, num_workers=2),  # grad_clip: the paper's 0.01
@@ -641,16 +648,19 @@ class SANWrapper(nn.Module):
 
     def configure_optimizers(self, cfg):
         """AdamW; weight decay 0 on position/query embeddings and nn.LayerNorm, as the official param groups (which
-        decay the bg embedding and the fusion LayerNorm2d: neither matches its name or type rules)."""
-        decay, no_decay = [], []
-        for module in self.modules():
+        decay the bg embedding and the fusion LayerNorm2d: neither matches its name or type rules); CLIP's trainable
+        part (its positional embedding) at lr x clip_lr_multiplier (official SOLVER.CLIP_MULTIPLIER)."""
+        groups = {}  # (in CLIP, weight decay) -> parameters
+        for module_name, module in self.net.named_modules():
             for name, p in module.named_parameters(recurse=False):
                 if p.requires_grad:
                     exempt = isinstance(module, nn.LayerNorm) or any(
                         s in name for s in ("pos_embed", "positional_embedding", "query_embed"))
-                    (no_decay if exempt else decay).append(p)
-        groups = [{"params": decay, "weight_decay": cfg.weight_decay}, {"params": no_decay, "weight_decay": 0.0}]
-        return {"adamw": torch.optim.AdamW(groups, lr=cfg.lr)}
+                    key = (module_name.startswith("clip"), 0.0 if exempt else cfg.weight_decay)
+                    groups.setdefault(key, []).append(p)
+        return {"adamw": torch.optim.AdamW([
+            {"params": params, "weight_decay": wd, "lr": cfg.lr * (cfg.clip_lr_multiplier if in_clip else 1.0)}
+            for (in_clip, wd), params in groups.items()], lr=cfg.lr)}
 
 
 # ----------------------------------------------------------------------------------------------------------------------

@@ -75,21 +75,26 @@ def test_a_run_without_metrics_is_a_one_line_error(tmp_path, capsys):
     assert "Traceback" not in err and len(err.strip().splitlines()) == 1
 
 
-def test_clip_probe_names_objects_in_scene_and_alone(tmp_path, capsys):
-    """`--clip-probe` on a small random toy CLIP: every object of the scenes is counted once per scene size and once
-    in "all"; a lone object's scene has nothing to paint over, so its two answers agree."""
+def test_clip_probe_names_regions_at_every_split(tmp_path, capsys):
+    """`--clip-probe` on a small random toy CLIP of 4 blocks: splits k = 1, 2, 3; at each, every object of the scenes
+    is counted once per scene size and once in "all", every scene's background once; a lone object's scene has
+    nothing to paint over, so its two answers agree."""
     import toy_clip
     cfg = replace(toy_clip.PRESETS["toy"], vision_width=32, vision_heads=2, vision_layers=4, text_width=32,
                   text_layers=1, text_heads=2, embed_dim=16)
     torch.manual_seed(0)
     toy_clip.export(toy_clip.build_model(cfg), cfg, tmp_path)
-    counts = bench.main(["--model", "san", "--clip-probe", str(tmp_path), "--images", "12"])
-    by_size = {k: v for k, v in counts.items() if k != "all"}
-    assert set(by_size) <= {1, 2, 3} and 1 in by_size and len(by_size) >= 2
-    assert counts["all"] == tuple(map(sum, zip(*by_size.values())))  # (objects, right in scene, right alone)
-    total, scene, alone = by_size[1]
-    assert scene == alone and all(0 <= r <= t for t, *rs in counts.values() for r in rs)
-    assert "| all | " in capsys.readouterr().out
+    results = bench.main(["--model", "san", "--clip-probe", str(tmp_path), "--images", "12"])
+    assert list(results) == [1, 2, 3]
+    for counts in results.values():
+        by_size = {k: v for k, v in counts.items() if k not in ("all", "background")}
+        assert set(by_size) <= {1, 2, 3} and 1 in by_size and len(by_size) >= 2
+        assert counts["all"] == tuple(map(sum, zip(*by_size.values())))  # (objects, right in scene, right alone)
+        total, scene, alone = by_size[1]
+        assert scene == alone and all(0 <= r <= t for t, *rs in counts.values() for r in rs)
+        assert counts["background"][0] == 12  # every toy scene has background
+    out = capsys.readouterr().out
+    assert "| 3 | " in out and "background" in out
 
 
 def test_clip_probe_without_a_toy_clip_is_a_one_line_error(tmp_path, capsys):
