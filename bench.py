@@ -311,7 +311,7 @@ def bench_san(args):
 @torch.no_grad()
 def clip_region_probe(clip_dir, n=200, seed=0):
     """The ceiling that a frozen CLIP sets for SAN on the toy, at every place SAN could split it into feature extractor
-    (blocks 0..k) and recognition (the blocks after k). Each region of n `toy_shapes` val scenes is named among the 13
+    (blocks 1..k) and recognition (the blocks after k). Each region of n `toy_shapes` val scenes is named among the 13
     class names by san.recognize with the attention bias of a perfect side network:
       - an object: 0 on the CLIP patches its ground-truth mask covers for at least a quarter, -100 elsewhere; once in
         its scene and once alone (the other objects' pixels replaced by background pixels of the same image);
@@ -335,7 +335,8 @@ def clip_region_probe(clip_dir, n=200, seed=0):
         x = F.interpolate((image - mean) / std, scale_factor=cfg.clip_resolution, mode="bilinear")
         feats, grid = san.clip_features(visual, x, (k,))
         cover = F.adaptive_avg_pool2d(masks, grid)  # (1, Q, h', w'): the share of each CLIP patch the mask covers
-        bias = torch.where(cover >= cover_needed, 0.0, -100.0)[:, None].expand(-1, heads, -1, -1, -1)
+        bias = torch.where(cover >= cover_needed, 0.0, -100.0)  # (1, Q, h', w'): 0 where the region covers enough
+        bias = bias[:, None].expand(-1, heads, -1, -1, -1)  # (1, heads, Q, h', w'), the same for every head
         return (san.recognize(visual, feats[-1], bias, k, grid)[0] @ text.T).argmax(-1).tolist()
 
     results = {}
