@@ -650,17 +650,16 @@ class SANWrapper(nn.Module):
         """AdamW; weight decay 0 on position/query embeddings and nn.LayerNorm, as the official param groups (which
         decay the bg embedding and the fusion LayerNorm2d: neither matches its name or type rules); CLIP's trainable
         part (its positional embedding) at lr x clip_lr_multiplier (official SOLVER.CLIP_MULTIPLIER)."""
-        groups = {}  # (in CLIP, weight decay) -> parameters
+        groups = {}  # (lr, weight decay) -> parameters; with the multiplier at 1, the two groups of earlier versions
         for module_name, module in self.net.named_modules():
             for name, p in module.named_parameters(recurse=False):
                 if p.requires_grad:
                     exempt = isinstance(module, nn.LayerNorm) or any(
                         s in name for s in ("pos_embed", "positional_embedding", "query_embed"))
-                    key = (module_name.startswith("clip"), 0.0 if exempt else cfg.weight_decay)
-                    groups.setdefault(key, []).append(p)
-        return {"adamw": torch.optim.AdamW([
-            {"params": params, "weight_decay": wd, "lr": cfg.lr * (cfg.clip_lr_multiplier if in_clip else 1.0)}
-            for (in_clip, wd), params in groups.items()], lr=cfg.lr)}
+                    lr = cfg.lr * (cfg.clip_lr_multiplier if module_name.startswith("clip") else 1.0)
+                    groups.setdefault((lr, 0.0 if exempt else cfg.weight_decay), []).append(p)
+        return {"adamw": torch.optim.AdamW([{"params": params, "lr": lr, "weight_decay": wd}
+                                            for (lr, wd), params in groups.items()], lr=cfg.lr)}
 
 
 # ----------------------------------------------------------------------------------------------------------------------

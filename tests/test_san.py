@@ -296,6 +296,9 @@ def test_optimizer_groups_follow_the_official_weight_decay_and_clip_lr_rules(mod
     # official SOLVER.CLIP_MULTIPLIER: CLIP's one trainable tensor, its positional embedding, at lr x 0.1
     assert {n for n, g in group.items() if g["lr"] == cfg.lr * 0.1} == {"net.clip.visual.positional_embedding"}
     assert all(g["lr"] == cfg.lr for n, g in group.items() if not n.startswith("net.clip."))
+    # at 1.0 (the paper presets) the two groups of earlier versions, so that their checkpoints resume
+    (_, opt), = model.configure_optimizers(dataclasses.replace(cfg, clip_lr_multiplier=1.0)).items()
+    assert [g["weight_decay"] for g in opt.param_groups] == [cfg.weight_decay, 0.0]
 
 
 def test_text_classifier_averages_normalised_template_embeddings_and_caches(model):
