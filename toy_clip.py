@@ -62,7 +62,7 @@ class Config:
     # architecture (open_clip CLIP with a ViT image tower)
     embed_dim: int = 128  # D, the joint image-text embedding
     vision_width: int = 128  # ViT token width
-    vision_layers: int = 6  # ViT blocks (SAN's toy fuses the output of block 1 and recognises with blocks 2-6)
+    vision_layers: int = 6  # ViT blocks (SAN's toy feeds its side network with blocks up to 1, recognises with 2-6)
     vision_heads: int = 4  # ViT attention heads (open_clip's head_width = vision_width // vision_heads)
     patch_size: int = 8  # ViT patch side: 64 / 8 = an 8 x 8 grid
     text_width: int = 128  # text transformer width
