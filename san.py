@@ -140,9 +140,9 @@ PRESETS = {
         crop_size=128, base_size=128, scale_range=(1.0, 1.0),
         clip_model="runs/toy_clip/toy_clip.json", clip_pretrained="runs/toy_clip/toy_clip.pt", clip_quick_gelu=False,
         clip_trained_by="toy_clip",
-        # Recognition in blocks 2-6 of the toy CLIP's 6 (ViT-B/16: 10-12 of 12). Its patch tokens stay local only in
-        # its first blocks: after block 1 a region's patches show that region, after block 3 the whole scene
-        # (bench.py --clip-probe). The paper sweeps the number of recognition layers.
+        # Recognition in blocks 2-4 of the toy CLIP's 4, the last three as ViT-B/16's 10-12 of 12. The toy CLIP's
+        # patch tokens stay local only in its first blocks: after block 1 a region's patches show that region, after
+        # block 3 the whole scene (bench.py --clip-probe). The paper sweeps the number of recognition layers.
         clip_feature_layers=(0, 1),
         clip_lr_multiplier=0.1,  # CLIP's pos-embed at the paper's lr, 1e-4: the toy's 10x lr is for the side network
         side_width=96, side_depth=4, side_heads=4, side_patch_size=8, side_image_size=128, num_queries=16,

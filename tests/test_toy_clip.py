@@ -81,7 +81,7 @@ def test_export_round_trip_through_open_clip(wrapper, tmp_path):
 
     model_cfg = json.load(open(json_path))
     assert {"embed_dim", "vision_cfg", "text_cfg"} <= set(model_cfg) and model_cfg["quick_gelu"] is False
-    assert model_cfg["vision_cfg"] == {"image_size": 64, "patch_size": 8, "width": 128, "layers": 6, "head_width": 32}
+    assert model_cfg["vision_cfg"] == {"image_size": 64, "patch_size": 8, "width": 128, "layers": 4, "head_width": 32}
     assert model_cfg["text_cfg"]["context_length"] == CFG.context_length and model_cfg["text_cfg"]["vocab_size"] == 49408
     assert isinstance(torch.load(pt_path, weights_only=True)["logit_scale"], torch.Tensor)  # a raw state dict
 
