@@ -137,12 +137,15 @@ PRESETS = {
 # of the paper's iterations (0.999 would keep the teacher a running average of the whole run); and 800 labelled-only
 # iterations before L_u joins (official: 0): the pseudo boxes need a teacher that scores objects above 0.9, which the
 # toy's needs about that long to become (measured, docs/soft_teacher.md: with L_u from step 0 the student learns for
-# hundreds of iterations that every unlabelled object is background and falls behind labelled-only training).
+# hundreds of iterations that every unlabelled object is background and falls behind labelled-only training). The
+# RoI head samples 64 RoIs per image (the paper's 512 scaled to the toy's ~4 objects) with mmdet's adaptive RoIAlign
+# sampling, as the paper preset: RoIAlign's backward is most of a CPU step, and 128 RoIs at 2 x 2 samples per bin
+# made a step 1.7x slower (docs/soft_teacher.md).
 PRESETS["toy"] = replace(
     Config(), train_dataset="toy_detection_semi", eval_datasets=("toy_detection",), num_classes=5, image_size=128,
     num_labelled=4, train_scales=(96, 160), max_size=320, test_size=128, backbone="toy",
     weights="runs/toy_backbone/toy_backbone.pth", toy_width=16, anchor_sizes=(16, 32, 64, 128), roi_head_dim=256,
-    rpn_pre_nms=(1000, 500), rpn_post_nms=(300, 300), rois_per_image=128, roi_sampling_ratio=2, batch_size=1,
+    rpn_pre_nms=(1000, 500), rpn_post_nms=(300, 300), rois_per_image=64, roi_sampling_ratio=0, batch_size=1,
     num_unsup=4, max_iters=1600, lr=0.02, lr_steps=(1200, 1450), warmup_iters=100, ema_momentum=0.99,
     eval_interval=200, log_interval=50, ckpt_interval=400, num_workers=0, amp=False, unsup_start=800)
 # The baseline: the same labelled images, batches and iterations, no unlabelled images, no teacher.
